@@ -1,0 +1,86 @@
+"""What every routed model returns, and how models are built from a config.
+
+Shape letters:
+  B: batch.   N: classes.   S: routed units, flattened (DRNet: cells x connections x branches;
+  CoDiNet: routed blocks). P: path features (DRNet: the same S weights; CoDiNet: D blocks).
+
+Every model's `__call__(x, *, train, tau=1.0, threshold=None, drop_path_rate=0.0,
+strategy='dense')` returns a `ModelOutput`:
+  * train=True: Gumbel-relaxed routing with noise from the 'routing' rng stream, batch statistics,
+    drop-path from the 'dropout' stream.
+  * train=False, threshold=None: deterministic, every branch/block runs ("all branches").
+  * train=False, threshold=T: deterministic routing; DRNet keeps the top branches whose weights
+    reach T (`routing.threshold_select`), CoDiNet runs a block iff v >= T (0.5 in the paper).
+    `strategy` picks how skipped work is avoided (`dynroute_jax.dispatch`); 'dense' computes
+    everything and masks, which is the reference the other strategies must match.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """Logits plus the routing information losses and reports need.
+
+  Attributes:
+    logits: [B, N] class logits.
+    aux_logits: [B, N] auxiliary-head logits (DRNet, training only) or None.
+    weights: [B, S] weight of each routed unit: DRNet's recalibrated (or rescaled kept) branch weights,
+      CoDiNet's run probability v (training) or hard decision (inference).
+    executed: [B, S] float 0/1, the units that run for each example (all ones when every branch runs).
+    path: [B, P] the routing path used by CoDiNet's consistency and diversity losses and by t-SNE.
+    macs_table: [S] MACs of each routed unit for one example (a constant derived from the model).
+    params_table: [S] parameters of each routed unit (for "active parameters per example").
+    macs_fixed: scalar MACs always executed per example (stem, routers, heads, skip paths...).
+    params_fixed: scalar parameters always used (auxiliary head excluded).
+    site_shape: static shape that `weights`' S axis unflattens to, e.g. (L, C, K) or (D,).
+  """
+  logits: Array
+  aux_logits: Array | None
+  weights: Array
+  executed: Array
+  path: Array
+  macs_table: Array
+  params_table: Array
+  macs_fixed: Array
+  params_fixed: Array
+  site_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+
+  @property
+  def expected_macs(self) -> Array:
+    """[B] MACs per example weighted by the routing weights (DRNet Eq. 8's sum, plus fixed MACs)."""
+    return self.macs_fixed + self.weights @ self.macs_table
+
+  @property
+  def executed_macs(self) -> Array:
+    """[B] MACs per example of the units that actually run."""
+    return self.macs_fixed + self.executed @ self.macs_table
+
+  @property
+  def executed_params(self) -> Array:
+    """[B] parameters per example of the units that actually run."""
+    return self.params_fixed + self.executed @ self.params_table
+
+
+MODEL_NAMES = ("drnet", "codinet")
+
+
+def build_model(model_config: Any):
+  """Builds the Flax module named by `model_config.name` from the config's `model` section."""
+  name = model_config.get("name")
+  if name == "drnet":
+    from dynroute_jax.models import drnet
+    return drnet.from_config(model_config)
+  if name == "codinet":
+    from dynroute_jax.models import codinet
+    return codinet.from_config(model_config)
+  raise ValueError(f"config.model.name must be one of {MODEL_NAMES}; got {name!r}.")
+
