@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import core as jax_core
+from jax.extend import core as jax_core
 
 PyTree = Any
 
