@@ -1,0 +1,201 @@
+"""Model-agnostic training losses for dynamic routing networks.
+
+Every function is pure, vectorized over the batch and jit-able. Shape letters:
+  B: batch.  N: classes (cross entropy) or images (CoDiNet losses).  M: augmented views per image.
+  D: path dimension.  S: routed units (see `models.base`).
+
+Losses:
+  * `cross_entropy`: softmax cross entropy with optional label smoothing (per example).
+  * `resource_loss`: DRNet (WACV 2021) Eq. 8 regulariser, lambda * 1[y_hat == y] * log E[R].
+  * `consistency_loss`: CoDiNet (TPAMI) Eq. 8, attraction of each image's views to their centre.
+  * `diversity_loss`: CoDiNet Eq. 9, repulsion between the path centres of different images.
+  * `cost_loss`: CoDiNet Eq. 11, sum_k c_k v_k with c_k from the model's MACs table.
+
+Units: every cost is in MACs (multiply-accumulates of conv and dense layers, see `costs.CONVENTION`;
+FLOPs = 2 x MACs). The L2 norms in the CoDiNet losses use `safe_norm`, whose gradient is zero (not
+NaN) where the vector is exactly zero, e.g. identical views or identical path centres.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+def _check_margin(margin: Any, name: str) -> None:
+  """Raises ValueError if a concrete margin is negative (traced margins are not checked)."""
+  if isinstance(margin, jax.core.Tracer):
+    return
+  try:
+    value = float(margin)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name} must be a real number >= 0; got {margin!r}.") from e
+  if not value >= 0.0:  # Also rejects NaN.
+    raise ValueError(f"{name} must be >= 0 (a hinge margin); got {margin!r}.")
+
+
+def safe_norm(x: Array, axis: int = -1) -> Array:
+  """L2 norm over `axis` with a finite gradient everywhere.
+
+  The plain `jnp.linalg.norm` has gradient x / ||x|| = 0 / 0 = NaN at x = 0. Here the square root
+  only ever sees a strictly positive argument, and the result (and its gradient) is exactly 0 where
+  ||x|| = 0. Away from 0 the value and gradient equal the plain norm's.
+
+  Args:
+    x: array of any shape.
+    axis: the axis to reduce.
+
+  Returns:
+    The norms, with `axis` removed.
+  """
+  sq = jnp.sum(jnp.square(x), axis=axis)
+  positive = sq > 0
+  safe_sq = jnp.where(positive, sq, 1.0)
+  return jnp.where(positive, jnp.sqrt(safe_sq), 0.0)
+
+
+def cross_entropy(logits_BxN: Array, labels_B: Array, label_smoothing: float = 0.0) -> Array:
+  """Softmax cross entropy per example.
+
+  Args:
+    logits_BxN: [B, N] unnormalised class scores.
+    labels_B: [B] integer class labels in [0, N).
+    label_smoothing: epsilon in [0, 1); the target is (1 - eps) * one_hot + eps / N.
+
+  Returns:
+    [B] float32 losses. Take `.mean()` for the batch loss (or a masked mean for padded batches).
+  """
+  if not isinstance(label_smoothing, jax.core.Tracer) and not 0.0 <= float(label_smoothing) < 1.0:
+    raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing!r}.")
+  num_classes = logits_BxN.shape[-1]
+  logits = logits_BxN.astype(jnp.float32)
+  targets = jax.nn.one_hot(labels_B, num_classes, dtype=jnp.float32)
+  targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def correct_predictions(logits_BxN: Array, labels_B: Array) -> Array:
+  """[B] float32 indicator 1[argmax logits == label], with a stopped gradient."""
+  return jax.lax.stop_gradient((jnp.argmax(logits_BxN, axis=-1) == labels_B).astype(jnp.float32))
+
+
+def resource_loss(expected_macs_B: Array, correct_B: Array, weight: float | Array,
+                  normalizer: float | Array | None = None) -> Array:
+  """DRNet Eq. 8 resource regulariser, averaged over the batch.
+
+    L_res = (1 / B) sum_i lambda * 1[y_hat_i == y_i] * log E[R]_i,
+    E[R]_i = sum_{l,c,b} w~_{l,c,b}(x_i) * R(F_{l,c,b})        (the model's `expected_macs`).
+
+  Units: `expected_macs_B` is in MACs per example (`ModelOutput.expected_macs`, which also adds the
+  constant `macs_fixed`). Because of the log, the gradient, lambda * dE[R] / E[R], does not depend on
+  the unit: FLOPs (2 x MACs) or a `normalizer` only add a constant to the loss value. Passing
+  `normalizer` (e.g. the full model's MACs) just makes the logged value readable (log of the
+  fraction of the full model's cost, <= 0).
+
+  Args:
+    expected_macs_B: [B] expected MACs per example, differentiable w.r.t. the routing weights.
+    correct_B: [B] indicator (bool or 0/1) of correctly classified examples; its gradient is stopped
+      here (see `correct_predictions`).
+    weight: lambda (DRNet-R-lambda; the paper uses 0, 0.1 and 0.5).
+    normalizer: optional positive scalar the MACs are divided by inside the log.
+
+  Returns:
+    Scalar loss.
+  """
+  correct = jax.lax.stop_gradient(jnp.asarray(correct_B).astype(jnp.float32))
+  macs = expected_macs_B.astype(jnp.float32)
+  if normalizer is not None:
+    macs = macs / normalizer
+  # E[R] > 0 always (fixed MACs, softmax weights); the floor only guards the log against 0.
+  log_r = jnp.log(jnp.maximum(macs, jnp.finfo(jnp.float32).tiny))
+  return weight * jnp.mean(correct * log_r)
+
+
+def consistency_loss(paths_NxMxD: Array, margin: float | Array) -> Array:
+  """CoDiNet Eq. 8: consistency of the routing paths of each image's augmented views.
+
+    L_con = 1 / (N M) sum_{i=1..N} sum_{j=1..M} [ ||r_ij - mean_j' r_ij'||_2 - m_c ]_+^2
+
+  Args:
+    paths_NxMxD: [N, M, D] routing path r_ij of view j of image i (CoDiNet: the run probabilities
+      v_k of the D routed blocks).
+    margin: m_c >= 0 (0.2 in the paper). Distances below the margin cost nothing.
+
+  Returns:
+    Scalar loss. With M = 1 the loss is 0.
+  """
+  _check_margin(margin, "consistency margin (m_c)")
+  paths = paths_NxMxD.astype(jnp.float32)
+  centres = jnp.mean(paths, axis=1, keepdims=True)                       # [N, 1, D]
+  dist = safe_norm(paths - centres, axis=-1)                               # [N, M]
+  return jnp.mean(jnp.square(jax.nn.relu(dist - margin)))
+
+
+def path_centres(paths_NxMxD: Array) -> Array:
+  """[N, D] mean routing path over the M views of each image."""
+  return jnp.mean(paths_NxMxD.astype(jnp.float32), axis=1)
+
+
+def diversity_loss(paths_NxMxD: Array, margin: float | Array) -> Array:
+  """CoDiNet Eq. 9: diversity between the path centres of different images in the batch.
+
+    L_div = 1 / (N (N - 1)) sum_{i=1..N} sum_{j != i} [ m_d - ||c_i - c_j||_2 ]_+^2,
+    c_i = mean over the M views of r_ij.
+
+  Computed from all N x N pairwise differences (memory O(N^2 D)), exact (no Gram-matrix
+  cancellation); the diagonal is masked out and `safe_norm` keeps gradients finite for i == j and
+  for identical centres.
+
+  Args:
+    paths_NxMxD: [N, M, D] routing paths (M may be 1: the centre is then the path itself).
+    margin: m_d >= 0 (0.5 in the paper). Centres further apart than the margin cost nothing.
+
+  Returns:
+    Scalar loss; 0 when N < 2 (no pairs).
+  """
+  _check_margin(margin, "diversity margin (m_d)")
+  n = paths_NxMxD.shape[0]
+  if n < 2:
+    return jnp.zeros((), jnp.float32)
+  centres = path_centres(paths_NxMxD)                                     # [N, D]
+  dist = safe_norm(centres[:, None, :] - centres[None, :, :], axis=-1)   # [N, N]
+  off_diagonal = 1.0 - jnp.eye(n, dtype=jnp.float32)
+  hinge = jnp.square(jax.nn.relu(margin - dist)) * off_diagonal
+  return jnp.sum(hinge) / (n * (n - 1))
+
+
+def cost_loss(weights_BxS: Array, macs_table_S: Array,
+              normalizer: float | Array | None = None) -> Array:
+  """CoDiNet Eq. 11: relaxed computational cost sum_k c_k v_k, averaged over the batch.
+
+  c_k is the MACs of routed unit k (`ModelOutput.macs_table`, derived from the model, never typed
+  in) and v_k its relaxed run probability (`ModelOutput.weights`).
+
+  Normalisation (our choice; the paper's gamma is "tuned adaptively" and the scale is not given):
+  raw MACs make gamma depend on the model size (ResNet-110's blocks cost ~2e6 MACs each), so the
+  training loop passes `normalizer` = the full model's MACs (`macs_fixed + macs_table.sum()`,
+  every unit run). The loss is then the expected fraction of the full model's cost spent on routed
+  units, in [0, 1], and one gamma transfers between backbones. `normalizer=None` gives raw MACs.
+
+  Args:
+    weights_BxS: [B, S] relaxed decisions v (or any per-unit weights).
+    macs_table_S: [S] MACs per example of each unit.
+    normalizer: optional positive scalar dividing the cost.
+
+  Returns:
+    Scalar loss.
+  """
+  cost_B = weights_BxS.astype(jnp.float32) @ macs_table_S.astype(jnp.float32)
+  if normalizer is not None:
+    cost_B = cost_B / normalizer
+  return jnp.mean(cost_B)
+
+
+def full_model_macs(macs_table_S: Array, macs_fixed: Array | float = 0.0) -> Array:
+  """MACs per example with every routed unit run: the default `cost_loss` normalizer."""
+  return jnp.asarray(macs_fixed, jnp.float32) + jnp.sum(jnp.asarray(macs_table_S, jnp.float32))
