@@ -1,0 +1,524 @@
+"""Two-stage sharded training of routed models: the library function `train_and_evaluate`.
+
+One jitted train step per stage, with explicit in/out shardings over a device Mesh (data parallel by
+default, FSDP selectable), the state donated. Stage 1 and stage 2 differ in learning rate, temperature
+schedule, loss weights and (CoDiNet) frozen routers with hard decisions; each stage starts a fresh
+optimizer state and keeps the parameters.
+
+Randomness is explicit and replayable: the per-step key is fold_in(base, step), split into named streams
+(routing = Gumbel noise, dropout = drop-path / drop-branch, augment = data augmentation); the data order
+is a pure function of (seed, step). A resumed run therefore sees exactly what an uninterrupted one would.
+
+Shape letters: B batch (images), M views per image, H/W/C image, N classes, S routed units, P path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dynroute_jax import checkpoint as ckpt_lib
+from dynroute_jax import config_lib
+from dynroute_jax import evaluation
+from dynroute_jax import input_pipeline
+from dynroute_jax import losses
+from dynroute_jax import routing
+from dynroute_jax import sharding
+from dynroute_jax.models import base as models_base
+
+Array = jax.Array
+PyTree = Any
+
+# Named random streams: a stream's id is folded into the per-step key.
+STREAMS = {"init": 0, "routing": 1, "dropout": 2, "augment": 3}
+ROUTER_REGEX = "router"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A training stage's place on the global step axis."""
+  index: int            # 1 or 2.
+  start: int            # first global step.
+  num_steps: int
+  steps_per_epoch: int
+  cfg: ml_collections.ConfigDict
+
+  @property
+  def end(self) -> int:
+    return self.start + self.num_steps
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss term or the gradients became NaN/Inf."""
+
+
+def stream_key(base: Array, step: Array | int, stream: str) -> Array:
+  """The key of `stream` at `step`: fold_in(fold_in(base, step), stream id)."""
+  return jax.random.fold_in(jax.random.fold_in(base, step), STREAMS[stream])
+
+
+def plan_stages(config: ml_collections.ConfigDict, num_train_examples: int) -> list[Stage]:
+  """Turns the config's epoch/step lengths into global step ranges."""
+  gbs = config.train.global_batch_size
+  if num_train_examples < gbs:
+    raise ValueError(f"config.train.global_batch_size ({gbs}) exceeds the {num_train_examples} training "
+                     f"examples of {config.data.name}; lower it.")
+  spe = num_train_examples // gbs
+  stages, start = [], 0
+  for i in range(1, config.train.num_stages + 1):
+    cfg = config.train[f"stage{i}"]
+    n = int(cfg.steps) if cfg.steps > 0 else int(round(cfg.epochs * spe))
+    stages.append(Stage(index=i, start=start, num_steps=n, steps_per_epoch=spe, cfg=cfg))
+    start += n
+  return stages
+
+
+def lr_schedule(stage: Stage) -> optax.Schedule:
+  """The stage's learning rate as a function of the step within the stage."""
+  cfg, n, spe = stage.cfg, max(stage.num_steps, 1), stage.steps_per_epoch
+  warmup = int(round(cfg.warmup_epochs * spe))
+  if cfg.lr_schedule == "cosine":
+    main = optax.cosine_decay_schedule(cfg.lr, max(n - warmup, 1))
+  elif cfg.lr_schedule == "multistep":
+    bounds = {int(round(e * spe)) - warmup: cfg.lr_decay for e in cfg.lr_boundaries_epochs}
+    main = optax.piecewise_constant_schedule(cfg.lr, bounds)
+  else:
+    main = optax.constant_schedule(cfg.lr)
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
+  return main
+
+
+def tau_schedule(stage: Stage) -> routing.Schedule:
+  cfg = stage.cfg
+  return routing.exponential_decay_schedule(cfg.tau_init, cfg.tau_decay_per_epoch, cfg.tau_floor,
+                                            stage.steps_per_epoch, start_step=stage.start)
+
+
+def _router_mask(params: PyTree) -> PyTree:
+  """True for router parameters (their path contains 'router')."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  return flax.traverse_util.unflatten_dict({k: ROUTER_REGEX in k for k in flat}, sep="/")
+
+
+def _decay_mask(params: PyTree) -> PyTree:
+  """Weight decay on kernels only (not on biases nor batch-norm scales), as in the peers' code."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  return flax.traverse_util.unflatten_dict({k: k.endswith("kernel") for k in flat}, sep="/")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, stage: Stage, params: PyTree
+                   ) -> optax.GradientTransformation:
+  """SGD (momentum or Nesterov) with decoupled-from-BN weight decay; routers frozen if asked."""
+  tc = config.train
+  tx = optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip_norm) if tc.grad_clip_norm > 0 else optax.identity(),
+      optax.add_decayed_weights(tc.weight_decay, mask=_decay_mask),
+      optax.sgd(lr_schedule(stage), momentum=tc.momentum, nesterov=tc.optimizer == "nesterov"),
+  )
+  if stage.cfg.freeze_routers:
+    # Frozen routers get a zero update and no optimizer state: they provably do not change.
+    labels = jax.tree.map(lambda r: "frozen" if r else "train", _router_mask(params))
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx
+
+
+def model_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """Identifies the architecture: checkpoints of another model must not be resumed into this one."""
+  blob = json.dumps({"model": config.model.to_dict(), "num_classes": config.data.num_classes,
+                     "image_size": config.data.image_size,
+                     "num_channels": config.data.num_channels}, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _routing_stats(out: models_base.ModelOutput) -> dict[str, Array]:
+  """Branch-selection ratios and router entropy, so a collapsed router is visible."""
+  stats = {}
+  if len(out.site_shape) == 3:  # DRNet: (L, C, K) branch weights.
+    w = out.weights.reshape(out.weights.shape[0], *out.site_shape)
+    ratio_k = jnp.mean(w, axis=(0, 1, 2))
+    for k in range(ratio_k.shape[0]):
+      stats[f"branch_ratio/{k}"] = ratio_k[k]
+    stats["router_entropy"] = jnp.mean(routing.entropy(w, axis=-1))
+  else:  # CoDiNet: run probability per block.
+    v = jnp.clip(out.weights, 1e-7, 1 - 1e-7)
+    stats["run_ratio"] = jnp.mean(out.weights)
+    stats["router_entropy"] = jnp.mean(-(v * jnp.log(v) + (1 - v) * jnp.log(1 - v)))
+  return stats
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: Stage,
+                    tx: optax.GradientTransformation) -> Callable:
+  """The (unjitted) train step of one stage: (state, batch, base_key) -> (state, metrics)."""
+  sc, dc, tc = stage.cfg, config.data, config.train
+  num_views = dc.num_views
+  tau_fn, lr_fn = tau_schedule(stage), lr_schedule(stage)
+  extra = {"hard": True} if (sc.hard_decisions and config.model.name == "codinet") else {}
+  full_macs_ref = {}
+
+  def step_fn(state: TrainState, batch: dict[str, Array], base_key: Array):
+    step = state.step
+    labels_B = batch["label"]
+    images = batch["image"]
+    if num_views > 1:
+      views_BxM = input_pipeline.make_views(stream_key(base_key, step, "augment"), images, dc, num_views)
+      x = views_BxM.reshape((-1,) + views_BxM.shape[2:])
+      labels = jnp.repeat(labels_B, num_views)
+    else:
+      x = input_pipeline.augment(stream_key(base_key, step, "augment"), images, dc)
+      labels = labels_B
+    tau = tau_fn(step)
+    frac = (step - stage.start).astype(jnp.float32) / max(stage.num_steps, 1)
+    drop_path = sc.drop_path_rate * jnp.clip(frac, 0.0, 1.0)
+    rngs = {"routing": stream_key(base_key, step, "routing"),
+            "dropout": stream_key(base_key, step, "dropout")}
+
+    def loss_fn(params):
+      out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                                  tau=tau, drop_path_rate=drop_path, rngs=rngs,
+                                  mutable=["batch_stats"], **extra)
+      terms = {}
+      ce_B = losses.cross_entropy(out.logits, labels, tc.label_smoothing)
+      terms["ce"] = jnp.mean(ce_B)
+      if sc.aux_weight > 0 and out.aux_logits is not None:
+        terms["aux"] = sc.aux_weight * jnp.mean(
+            losses.cross_entropy(out.aux_logits, labels, tc.label_smoothing))
+      correct = jnp.argmax(out.logits, -1) == labels
+      if sc.resource_weight > 0:
+        terms["resource"] = losses.resource_loss(out.expected_macs, correct, sc.resource_weight)
+      if sc.consistency_weight > 0 or sc.diversity_weight > 0:
+        paths = out.path.reshape(-1, num_views, out.path.shape[-1])
+        if sc.consistency_weight > 0:
+          terms["consistency"] = sc.consistency_weight * losses.consistency_loss(
+              paths, tc.consistency_margin)
+        if sc.diversity_weight > 0:
+          terms["diversity"] = sc.diversity_weight * losses.diversity_loss(paths, tc.diversity_margin)
+      if sc.cost_weight > 0:
+        full = out.macs_fixed + jnp.sum(out.macs_table)
+        terms["cost"] = sc.cost_weight * losses.cost_loss(out.weights, out.macs_table, normalizer=full)
+      total = sum(terms.values())
+      aux = {"terms": terms, "correct": correct, "out": out, "batch_stats": new_vars["batch_stats"]}
+      return total, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step never reaches the state: the host either stops with a clear message or, with
+    # train.skip_nonfinite_steps, carries on from the unchanged parameters.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=step + 1, params=keep(new_params, state.params),
+                           batch_stats=keep(aux["batch_stats"], state.batch_stats),
+                           opt_state=keep(new_opt, state.opt_state))
+    out = aux["out"]
+    metrics = {f"loss/{k}": v for k, v in aux["terms"].items()}
+    metrics.update({
+        "loss/total": loss,
+        "finite": finite,
+        "grad_norm": grad_norm,
+        "accuracy": jnp.mean(aux["correct"]),
+        "tau": tau,
+        "lr": lr_fn(step - stage.start),
+        "drop_path_rate": drop_path,
+        "macs_expected_mean": jnp.mean(out.expected_macs),
+        **_routing_stats(out),
+    })
+    return new_state, metrics
+
+  del full_macs_ref
+  return step_fn
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries (main thread only)."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C stops at once.
+    logging.warning("Received signal %d: saving a checkpoint at the next step boundary.", signum)
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+    return False
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config; a workdir holding another model's config is refused untouched."""
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        old = json.load(f)
+      except json.JSONDecodeError:
+        old = None
+    if old is not None and old.get("model") != new.get("model"):
+      raise ValueError(
+          f"Workdir {workdir} holds a run of another model (config.json model section differs: "
+          f"{old.get('model', {}).get('name')}/{old.get('model', {}).get('variant')} there, "
+          f"{new['model'].get('name')}/{new['model'].get('variant')} now). Use a new --workdir; "
+          "nothing was changed.")
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _metric_writer(workdir: str):
+  from clu import metric_writers  # Imported lazily: it pulls TensorFlow's summary writer.
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+
+def _host_scalars(metrics: dict[str, Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _nonfinite_message(step: int, metrics: dict[str, float]) -> str:
+  bad = [k for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)]
+  if not math.isfinite(metrics.get("grad_norm", 0.0)):
+    bad.append("gradients")
+  return (f"Non-finite value at step {step} in {', '.join(bad) or 'the loss'} "
+          f"(metrics: {metrics}). The parameters of step {step} were not applied and the last "
+          "checkpoint is intact. Lower the learning rate, enable train.grad_clip_norm, or set "
+          "train.skip_nonfinite_steps=True to skip such steps.")
+
+
+def create_state(config, model, mesh, stage, sample_shape, rules):
+  """Abstract state, its shardings, and a jitted initializer that places it directly."""
+  init_key = jax.random.fold_in(jax.random.key(config.seed), STREAMS["init"])
+
+  def init_fn(key):
+    x = jnp.zeros(sample_shape, jnp.float32)
+    variables = model.init({"params": key, "routing": key, "dropout": key}, x, train=False)
+    params = variables["params"]
+    tx = make_optimizer(config, stage, params)
+    return TrainState(step=jnp.asarray(stage.start, jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init_fn, init_key)
+  shardings = sharding.tree_shardings(abstract, mesh, rules)
+  init = jax.jit(init_fn, out_shardings=shardings)
+  return abstract, shardings, lambda: init(init_key)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains every stage the config asks for, evaluates, and returns the evaluation report.
+
+  Resumes from the newest intact checkpoint in `workdir/checkpoints` when there is one.
+
+  Args:
+    config: a config from `configs/` (see `config_lib.base_config`).
+    workdir: directory for the resolved config, checkpoints, metrics and `eval/report.json`.
+
+  Returns:
+    The evaluation report (also written to `workdir/eval/report.json`); with `config.dry_run` the
+    dry-run report instead, without training.
+  """
+  config_lib.validate(config)
+  model = models_base.build_model(config.model)  # Validates the model fields.
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.train.global_batch_size, mesh, jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+
+  train_ds = input_pipeline.load_dataset(config.data, config.data.train_split)
+  test_ds = input_pipeline.load_dataset(config.data, config.data.eval_split)
+  stages = plan_stages(config, len(train_ds))
+  total_steps = stages[-1].end
+  fingerprint = model_fingerprint(config)
+  _save_config(config, workdir)
+
+  rules = sharding.RULES[config.mesh.param_sharding]
+  local_bs = config.train.global_batch_size // jax.process_count()
+  sample_shape = (1, config.data.image_size, config.data.image_size, config.data.num_channels)
+  batch_sharding = sharding.batch_sharding(mesh)
+  base_key = jax.random.key(config.seed)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save, fingerprint=fingerprint)
+  writer = _metric_writer(workdir)
+  start_step = 0
+  state = None
+  restored_step = ckpt.latest_good_step()
+  stage = stages[0]
+  if restored_step is not None:
+    meta = ckpt.read_meta(restored_step)
+    stage = stages[int(meta["stage"]) - 1]
+    abstract, shardings, _ = create_state(config, model, mesh, stage, sample_shape, rules)
+    items, meta = ckpt.restore(restored_step, abstract={
+        "params": abstract.params, "batch_stats": abstract.batch_stats,
+        "opt_state": abstract.opt_state}, shardings={
+        "params": shardings.params, "batch_stats": shardings.batch_stats,
+        "opt_state": shardings.opt_state})
+    state = TrainState(step=jax.device_put(jnp.asarray(restored_step, jnp.int32), replicated),
+                       params=items["params"], batch_stats=items["batch_stats"],
+                       opt_state=items["opt_state"])
+    start_step = restored_step
+    logging.info("Resumed from step %d (stage %d).", restored_step, stage.index)
+
+  preempted = False
+  with _Preemption() as preemption:
+    for stage in stages:
+      if start_step >= stage.end:
+        continue
+      abstract, shardings, init = create_state(config, model, mesh, stage, sample_shape, rules)
+      if state is None:
+        state = init()
+      elif jax.tree.structure(state.opt_state) != jax.tree.structure(abstract.opt_state) or (
+          start_step == stage.start):
+        # A new stage: keep parameters and statistics, start a fresh optimizer state.
+        tx0 = make_optimizer(config, stage, state.params)
+        opt = jax.jit(tx0.init, out_shardings=shardings.opt_state)(state.params)
+        state = state.replace(opt_state=opt)
+      tx = make_optimizer(config, stage, state.params)
+      step_fn = make_train_step(config, model, stage, tx)
+      batch_abstract = {
+          "image": jax.ShapeDtypeStruct((config.train.global_batch_size,) + sample_shape[1:], jnp.uint8,
+                                        sharding=batch_sharding),
+          "label": jax.ShapeDtypeStruct((config.train.global_batch_size,), jnp.int32,
+                                        sharding=batch_sharding)}
+      jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, replicated),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+      t0 = time.time()
+      compiled = jitted.lower(abstract, batch_abstract, jax.ShapeDtypeStruct(
+          base_key.shape, base_key.dtype, sharding=replicated)).compile()
+      compile_s = time.time() - t0
+      logging.info("Stage %d: compiled the train step in %.1f s.", stage.index, compile_s)
+      if config.dry_run:
+        report = {"stage": stage.index, "compile_seconds": compile_s,
+                  "report": sharding.dry_run_report(compiled)}
+        print(report["report"])
+        ckpt.close()
+        return report
+      writer.write_scalars(stage.start if start_step < stage.start else start_step,
+                           {"compile_seconds": compile_s})
+      base_key_r = jax.device_put(base_key, replicated)
+
+      monitor = _StepMonitor(config, writer, stage, total_steps)
+      for step in range(max(start_step, stage.start), stage.end):
+        local = input_pipeline.train_batch(train_ds, config.seed, step, config.train.global_batch_size,
+                                           jax.process_index(), jax.process_count())
+        batch = sharding.make_global_batch(local, mesh)
+        state, metrics = compiled(state, batch, base_key_r)
+        monitor.push(step, metrics)
+        done = step + 1
+        if preemption.signum is not None:
+          monitor.flush()
+          _save(ckpt, done, state, stage, config, force=True)
+          ckpt.wait_until_finished()
+          logging.warning("Saved step %d after signal %d; rerun the same command to resume.", done,
+                          preemption.signum)
+          preempted = True
+          break
+        if done % config.checkpoint.every_steps == 0 and done != stage.end:
+          _save(ckpt, done, state, stage, config)
+      if preempted:
+        break
+      monitor.flush()
+      _save(ckpt, stage.end, state, stage, config, force=True)
+      start_step = stage.end
+
+  ckpt.wait_until_finished()
+  if preempted:
+    ckpt.close()
+    writer.flush()
+    return {"preempted": True, "step": int(jax.device_get(state.step))}
+
+  if state is None:  # Every stage was already done: restore the final parameters for evaluation.
+    raise RuntimeError("internal: no state after training")
+  report = evaluation.evaluate_and_report(config, model, {"params": state.params,
+                                                          "batch_stats": state.batch_stats},
+                                          test_ds, mesh, workdir,
+                                          tau=float(tau_schedule(stages[-1])(stages[-1].end)),
+                                          step=int(jax.device_get(state.step)))
+  writer.write_scalars(total_steps, {f"eval/{k}": v for k, v in report.items()
+                                     if isinstance(v, (int, float))})
+  writer.flush()
+  ckpt.close()
+  return report
+
+
+def _save(ckpt, step: int, state: TrainState, stage: Stage, config, force: bool = False) -> None:
+  meta = {"step": step, "stage": stage.index, "model": config.model.name,
+          "variant": config.model.get("variant", ""), "time": time.time()}
+  ckpt.save(step, params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state,
+            meta=meta, force=force)
+
+
+class _StepMonitor:
+  """Checks each step's finiteness one step late (so dispatch stays asynchronous) and logs metrics."""
+
+  def __init__(self, config, writer, stage: Stage, total_steps: int):
+    self.config, self.writer, self.stage, self.total_steps = config, writer, stage, total_steps
+    self.pending = None
+    self.last_time, self.last_step = time.time(), None
+
+  def push(self, step: int, metrics: dict[str, Array]) -> None:
+    if self.pending is not None:
+      self._check(*self.pending)
+    self.pending = (step, metrics)
+
+  def flush(self) -> None:
+    if self.pending is not None:
+      self._check(*self.pending, force=True)
+      self.pending = None
+
+  def _check(self, step: int, metrics: dict[str, Array], force: bool = False) -> None:
+    """Raises on a non-finite step (unless skipping is on); writes metrics every log_every_steps."""
+    config = self.config
+    if self.last_step is None:
+      self.last_step = step
+    if not bool(jax.device_get(metrics["finite"])):
+      host = _host_scalars(metrics)
+      if not config.train.skip_nonfinite_steps:
+        raise NonFiniteError(_nonfinite_message(step, host))
+      logging.warning("Skipped step %d: %s", step, _nonfinite_message(step, host).split(" (")[0])
+    if force or (step + 1) % config.log_every_steps == 0:
+      host = _host_scalars(metrics)
+      now = time.time()
+      sps = max(step - self.last_step, 1) / max(now - self.last_time, 1e-9)
+      self.last_time, self.last_step = now, step
+      host["steps_per_sec"] = sps
+      host["eta_minutes"] = (self.total_steps - step - 1) / max(sps, 1e-9) / 60
+      host["stage"] = self.stage.index
+      self.writer.write_scalars(step + 1, host)
