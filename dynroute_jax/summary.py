@@ -1,0 +1,120 @@
+"""Prints a model's parameters and MACs, derived from its definition.
+
+  python -m dynroute_jax.summary --config=configs/drnet_cifar10.py:S [--json]
+
+Parameters are split into backbone, routers (paths containing 'router') and auxiliary head (paths
+containing 'aux_head'; excluded from the model size, as DARTS does). MACs are per image with every
+branch/block running; FLOPs = 2 x MACs. The per-cell (DRNet) or per-stage (CoDiNet) breakdown comes
+from the model's own MACs table, which is checked here against an independent count of the whole
+forward pass's jaxpr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from dynroute_jax import config_lib
+from dynroute_jax import costs
+from dynroute_jax.models import base as models_base
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/drnet_cifar10.py:S.",
+                                lock_config=True)
+flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+
+GROUPS = {"routers": "router", "aux": "aux_head"}
+
+
+def model_summary(config) -> dict[str, Any]:
+  """Parameters and MACs of the config's model (nothing is trained)."""
+  config_lib.validate(config)
+  model = models_base.build_model(config.model)
+  dc = config.data
+  shape = (1, dc.image_size, dc.image_size, dc.num_channels)
+  x = jnp.zeros(shape, jnp.float32)
+  key = jax.random.key(0)
+  variables = jax.jit(lambda k: model.init({"params": k, "routing": k, "dropout": k}, x, train=False))(key)
+  groups = costs.params_by_group(variables["params"], GROUPS)
+
+  def forward(variables, x):
+    return model.apply(variables, x, train=False)
+
+  out = jax.jit(forward)(variables, x)
+  table = np.asarray(out.macs_table, np.float64)
+  macs_fixed = float(out.macs_fixed)
+  macs_all = macs_fixed + float(table.sum())
+  # Independent check: every conv/matmul of the whole forward pass, counted from its jaxpr.
+  macs_traced = costs.count_macs(forward, variables, x)
+  site_shape = tuple(out.site_shape)
+  per_unit = table.reshape(site_shape) if site_shape else table
+  if len(site_shape) == 3:
+    breakdown_name = "cell"
+    breakdown = [float(v) for v in per_unit.sum(axis=(1, 2))]
+    per_branch = [float(v) for v in per_unit.sum(axis=(0, 1))]
+  else:
+    breakdown_name = "stage"
+    sizes = list(getattr(model, "stage_sizes", None) or [len(table)])
+    bounds = np.cumsum([0] + sizes)
+    breakdown = [float(table[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+    per_branch = None
+  params_model = groups["backbone"] + groups["routers"]
+  return {
+      "model": config.model.name,
+      "variant": config.model.get("variant", ""),
+      "image_size": dc.image_size,
+      "convention": costs.CONVENTION,
+      "params_backbone": groups["backbone"],
+      "params_routers": groups["routers"],
+      "params_aux": groups["aux"],
+      "params_model": params_model,
+      "macs_all_branches": macs_all,
+      "macs_fixed": macs_fixed,
+      "macs_routed_units": float(table.sum()),
+      "macs_traced_forward": macs_traced,
+      "flops_all_branches": 2 * macs_all,
+      "site_shape": list(site_shape),
+      f"macs_per_{breakdown_name}": breakdown,
+      "macs_per_branch_type": per_branch,
+  }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+  lines = [f"{s['model']} {s['variant']} ({s['image_size']}x{s['image_size']} input)",
+           f"  convention: {s['convention']}",
+           f"  parameters: backbone {s['params_backbone']:,}  routers {s['params_routers']:,}  "
+           f"(model {s['params_model']:,}; auxiliary head {s['params_aux']:,}, not counted)",
+           f"  MACs per image, all branches: {s['macs_all_branches'] / 1e6:.2f}M "
+           f"(FLOPs {s['flops_all_branches'] / 1e6:.2f}M); fixed {s['macs_fixed'] / 1e6:.2f}M, routed "
+           f"units {s['macs_routed_units'] / 1e6:.2f}M; whole-forward trace {s['macs_traced_forward'] / 1e6:.2f}M"]
+  key = "macs_per_cell" if "macs_per_cell" in s else "macs_per_stage"
+  name = key.split("_")[-1]
+  for i, v in enumerate(s[key]):
+    lines.append(f"  {name} {i:2d}: {v / 1e6:8.3f}M MACs (routed units)")
+  if s.get("macs_per_branch_type"):
+    lines.append("  per branch type (all cells): " + ", ".join(
+        f"{k}: {v / 1e6:.2f}M" for k, v in enumerate(s["macs_per_branch_type"])))
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  s = model_summary(FLAGS.config)
+  if FLAGS.json:
+    json.dump(s, sys.stdout)
+    sys.stdout.write("\n")
+  else:
+    print(format_summary(s))
+
+
+if __name__ == "__main__":
+  app.run(main)
