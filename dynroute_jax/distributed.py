@@ -175,6 +175,22 @@ def maybe_initialize(dist_config: Any, env: Mapping[str, str] | None = None) -> 
   return True
 
 
+def any_process(flag: bool) -> bool:
+  """True when `flag` is true on ANY process (a collective: every process must call it together).
+
+  For decisions that change the sequence of collectives, such as stopping on a preemption signal
+  that reached only some processes: deciding locally would leave the others waiting in the next
+  step's all-reduce until the cluster kills the job. Costs one tiny cross-process collective;
+  call it every few steps, at the same steps on every process. Single process: returns `flag`.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32), tiled=True)
+  return bool(np.any(flags))
+
+
 def is_main_process() -> bool:
   """True on process 0 (writes logs, summaries and other single-writer files)."""
   return jax.process_index() == 0

@@ -134,6 +134,7 @@ _WORKER = textwrap.dedent("""
     full = multihost_utils.process_allgather(batch["x"], tiled=True)
     assert np.array_equal(full, np.arange(16, dtype=np.float32)), full
     assert float(total) == float(np.sum(np.arange(16.0) ** 2)), total
+    assert distributed.any_process(pid == 1) and not distributed.any_process(False)
     print("worker", pid, "ok")
 """)
 
