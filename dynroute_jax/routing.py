@@ -79,15 +79,14 @@ def threshold_select(weights: Array, threshold: float | Array) -> tuple[Array, A
 
   Args:
     weights: [..., K] non-negative weights summing to 1 over the last axis.
-    threshold: T in (0, 1]. T = 1 keeps every branch with a positive weight... up to float rounding,
-      so the comparison allows a relative slack of 1e-6.
+    threshold: T in (0, 1] (a Python number is validated; a traced one is not). Sums are compared
+      with a relative slack of 1e-6, so float rounding never makes T = 1 keep a zero-mass branch.
 
   Returns:
     mask: [..., K] bool, True for kept branches (at least one per row).
     rescaled: [..., K] float, kept weights / s, zero elsewhere.
   """
   check_threshold(threshold)
-  k = weights.shape[-1]
   # A stable argsort of -w orders by descending weight, lower index first among ties.
   order = jnp.argsort(-weights, axis=-1, stable=True)
   sorted_w = jnp.take_along_axis(weights, order, axis=-1)
@@ -103,7 +102,6 @@ def threshold_select(weights: Array, threshold: float | Array) -> tuple[Array, A
   kept = jnp.where(mask, weights, 0.0)
   s = jnp.sum(kept, axis=-1, keepdims=True)
   rescaled = kept / jnp.maximum(s, jnp.finfo(weights.dtype).tiny)
-  del k
   return mask, rescaled
 
 
