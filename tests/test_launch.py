@@ -1,0 +1,48 @@
+"""Launch scripts: shell syntax, argument checks and the sweep's commands (nothing is launched)."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+
+
+@pytest.mark.parametrize("script", ["local.sh", "slurm.sbatch", "tpu_pod.sh"])
+def test_shell_syntax_and_usage(script):
+  path = os.path.join(LAUNCH, script)
+  subprocess.run(["bash", "-n", path], check=True)
+  env = {k: v for k, v in os.environ.items() if k not in ("TPU", "ZONE")}
+  proc = subprocess.run(["bash", path], capture_output=True, text=True, env=env, timeout=60)
+  assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def _sweep(*args):
+  proc = subprocess.run([sys.executable, os.path.join(LAUNCH, "sweep.py"), *args],
+                        capture_output=True, text=True, timeout=60)
+  return proc.returncode, [shlex.split(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+def test_sweep_dry_local():
+  rc, cmds, err = _sweep("--dry", "--root=runs/sw", "configs/drnet_cifar10.py:S,M",
+                         "configs/digits.py", "--", "--config.seed=3")
+  assert rc == 0, err
+  assert [c[1:] for c in cmds] == [
+      ["configs/drnet_cifar10.py:S", "runs/sw/drnet_cifar10_S", "--config.seed=3"],
+      ["configs/drnet_cifar10.py:M", "runs/sw/drnet_cifar10_M", "--config.seed=3"],
+      ["configs/digits.py", "runs/sw/digits", "--config.seed=3"]]
+  assert all(c[0].endswith("launch/local.sh") for c in cmds)
+
+
+def test_sweep_dry_slurm_and_errors():
+  rc, cmds, err = _sweep("--dry", "--launcher=slurm", "--sbatch_args=--nodes=2 --time=1:00:00",
+                         "--root=/shared/r", "configs/drnet_cifar10.py:L")
+  assert rc == 0, err
+  assert cmds == [["sbatch", "--job-name=dr-drnet_cifar10_L", "--nodes=2", "--time=1:00:00",
+                   os.path.join(LAUNCH, "slurm.sbatch"), "configs/drnet_cifar10.py:L",
+                   "/shared/r/drnet_cifar10_L"]]
+  assert _sweep("--dry", "--root=r", "configs/x.py:A,A")[0] != 0
+  assert _sweep("--dry", "--root=r", "configs/x")[0] != 0
