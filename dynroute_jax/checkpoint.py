@@ -483,13 +483,18 @@ class Checkpointer:
     return True
 
   def _drop_failed_save(self) -> None:
-    """After a failed save: let orbax drain, and forget the step."""
-    if self._manager is not None:
+    """After a failed save: forget the step and discard orbax's manager.
+
+    Orbax's manager keeps re-raising a failed background save from every later call, so a fresh
+    one is made on next use. The failed step's temporary directory is never listed as a step.
+    """
+    manager, self._manager = self._manager, None
+    self._pending_step = None
+    if manager is not None:
       try:
-        self._manager.wait_until_finished()
+        manager.close()
       except Exception:  # pylint: disable=broad-except
         pass
-    self._pending_step = None
 
   def _write_manifest(self, step: int) -> None:
     step_dir = self._step_dir(step)
@@ -620,6 +625,7 @@ class Checkpointer:
   def restore(self, step: Optional[int] = None, *,
               abstract: Optional[Mapping[str, Any]] = None,
               items: Sequence[str] = ITEMS,
+              shardings: Optional[Mapping[str, Any]] = None,
               sharding: Optional[jax.sharding.Sharding] = None) -> tuple[dict, dict]:
     """Restores `items` of `step` (default: the newest good step). Returns (items dict, meta).
 
@@ -629,6 +635,10 @@ class Checkpointer:
     abstract target is restored as the saved tree of dicts/lists of jax arrays placed with
     `sharding` (default: the first local device). Custom containers (optax states are named
     tuples) need an abstract target to come back as such.
+
+    `shardings` optionally maps an item name to a tree of shardings matching its abstract tree;
+    they replace the abstract leaves' shardings. Abstract leaves left without a sharding get
+    `sharding`.
     """
     abstract = dict(abstract or {})
     unknown = [k for k in list(items) + list(abstract) if k not in ITEMS]
@@ -646,7 +656,7 @@ class Checkpointer:
       metadata = None
       for k in to_restore:
         if k in abstract:
-          target = abstract[k]
+          target = _with_shardings(abstract[k], (shardings or {}).get(k), sharding)
         else:
           if metadata is None:
             metadata = manager.item_metadata(step)
@@ -677,6 +687,19 @@ class Checkpointer:
       self._closed = True
       if self._manager is not None:
         self._manager.close()
+
+
+def _with_shardings(abstract: Any, shardings: Any, default: jax.sharding.Sharding) -> Any:
+  """ShapeDtypeStructs of `abstract` placed with `shardings` (a matching tree) or `default`."""
+  def place(leaf, leaf_sharding=None):
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      return leaf
+    leaf_sharding = leaf_sharding or getattr(leaf, "sharding", None) or default
+    return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=leaf_sharding)
+
+  if shardings is None:
+    return jax.tree_util.tree_map(place, abstract)
+  return jax.tree_util.tree_map(place, abstract, shardings)
 
 
 def _abstract_from_metadata(tree_metadata: Any, sharding) -> Any:
