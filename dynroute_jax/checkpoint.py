@@ -74,8 +74,10 @@ model. Opening a directory whose checkpoints belong to a different model raises
 Multi-host: every process constructs the `Checkpointer` and calls `save`, `wait_until_finished`
 and `restore` (orbax coordinates the array writes). Only process 0 writes `manifest.json`,
 `checkpoint_info.json` and moves damaged steps to quarantine; a barrier after the manifest is
-written makes it visible to all processes before they go on. Assumption: the directory is on a
-file system shared by all processes (as orbax itself requires), so any process can verify.
+written makes it visible to all processes before they go on. When resuming or restoring,
+process 0 verifies the checksums and broadcasts its verdict, so the data is read once and every
+process takes the same step. `verify()` itself works on any process. Assumption: the directory is
+on a file system shared by all processes (as orbax itself requires for multi-host checkpoints).
 
 No pickle is ever loaded: arrays come from orbax's tensorstore formats, the rest is JSON.
 """
@@ -240,6 +242,13 @@ def _is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def _from_process_0(value: int) -> int:
+  """Process 0's value of an int on every process (a no-op with one process)."""
+  if jax.process_count() == 1:
+    return value
+  return int(ocp.multihost.broadcast_one_to_all(np.int32(value)))
+
+
 def _is_empty_tree(tree: Any) -> bool:
   return tree is None or not jax.tree_util.tree_leaves(tree)
 
@@ -278,6 +287,7 @@ class Checkpointer:
     self._watcher_error: Optional[BaseException] = None
     self._pending_step: Optional[int] = None
     self._barrier_count = 0
+    self._had_failure = False
     self._closed = False
     if fingerprint is not None:
       self.check_compatible(fingerprint)
@@ -293,7 +303,9 @@ class Checkpointer:
           max_to_keep=None,  # Retention is ours: it counts good steps only.
           create=create,
           enable_async_checkpointing=self.async_save,
-          cleanup_tmp_directories=True,
+          # Removes temporary directories of interrupted saves, only for the first manager:
+          # after a failed save in this process its background writers may still be running.
+          cleanup_tmp_directories=not self._had_failure,
       )
       handlers = {k: ocp.StandardCheckpointHandler() for k in ITEMS}
       handlers[META_ITEM] = ocp.JsonCheckpointHandler()
@@ -363,15 +375,22 @@ class Checkpointer:
     return [s for s in steps if not self._problems(s, full=False)]
 
   def latest_good_step(self) -> Optional[int]:
-    """The newest step that verifies, or None. Warns about (and keeps) newer damaged steps."""
+    """The newest step that verifies, or None. Warns about (and keeps) newer damaged steps.
+
+    With several processes, process 0 verifies and the others take its answer.
+    """
     self.wait_until_finished()
-    for step in reversed(self.all_steps()):
-      problems = self.verify(step)
-      if not problems:
-        return step
-      logging.warning("Skipping checkpoint step %d in %s: damaged or incomplete: %s", step,
-                      self.directory, _summarise(problems))
-    return None
+    found = -1
+    if _is_primary():
+      for step in reversed(self.all_steps()):
+        problems = self.verify(step)
+        if not problems:
+          found = step
+          break
+        logging.warning("Skipping checkpoint step %d in %s: damaged or incomplete: %s", step,
+                        self.directory, _summarise(problems))
+    found = _from_process_0(found)
+    return None if found < 0 else found
 
   # -- fingerprint.
 
@@ -444,15 +463,20 @@ class Checkpointer:
     except (TypeError, ValueError) as e:
       raise ValueError(f"save: meta for step {step} is not JSON-serialisable: {e}") from e
 
+    # 0: save; 1: the step exists and verifies, skip; 2: it exists damaged, move it aside first.
+    decision, problems = 0, []
     if os.path.isdir(self.directory):
       self.check_compatible(self.fingerprint)
-      if step in self.all_steps():
+      if _is_primary() and step in self.all_steps():
         problems = self.verify(step)
-        if not problems:
-          logging.info("Checkpoint step %d already exists in %s and verifies; not saving it "
-                       "again.", step, self.directory)
-          return False
-        self._quarantine(step, problems)
+        decision = 2 if problems else 1
+    decision = _from_process_0(decision)  # Every process must take the same decision.
+    if decision == 1:
+      logging.info("Checkpoint step %d already exists in %s and verifies; not saving it again.",
+                   step, self.directory)
+      return False
+    if decision == 2:
+      self._quarantine(step, problems)
 
     try:
       os.makedirs(self.directory, exist_ok=True)
@@ -490,6 +514,7 @@ class Checkpointer:
     """
     manager, self._manager = self._manager, None
     self._pending_step = None
+    self._had_failure = True
     if manager is not None:
       try:
         manager.close()
@@ -567,7 +592,7 @@ class Checkpointer:
 
   def _quarantine(self, step: int, problems: Sequence[str]) -> None:
     """Moves a damaged step aside so that a new save of the same step number can proceed."""
-    target = os.path.join(self.directory, QUARANTINE_DIR, f"{step}-{int(time.time())}")
+    target = os.path.join(self.directory, QUARANTINE_DIR, f"{step}-{time.time_ns()}")
     logging.warning("Checkpoint step %d in %s is damaged or incomplete (%s); moving it to %s "
                     "before saving step %d again.", step, self.directory, _summarise(problems),
                     target, step)
@@ -602,8 +627,9 @@ class Checkpointer:
       raise CheckpointNotFoundError(
           f"no checkpoint for step {step} in {self.directory}; available steps: "
           f"{', '.join(map(str, steps))}")
-    problems = self.verify(step)
-    if problems:
+    bad = _from_process_0(int(bool(self.verify(step))) if _is_primary() else 0)
+    if bad:
+      problems = self.verify(step) or ["process 0 found the step damaged"]
       raise DamagedCheckpointError(
           f"checkpoint step {step} in {self.directory} is damaged or incomplete: "
           f"{_summarise(problems)}", step, problems)

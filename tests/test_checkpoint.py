@@ -297,6 +297,8 @@ def _enospc(*args, **kwargs):
   raise OSError(errno.ENOSPC, "No space left on device")
 
 
+# Orbax's background threads of the failed save report to a closed event loop: harmless noise.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("async_save", [True, False])
 def test_disk_full_keeps_earlier_checkpoints(tmp_path, monkeypatch, async_save):
   d = str(tmp_path / "ckpt")
