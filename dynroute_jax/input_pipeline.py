@@ -237,9 +237,19 @@ def _prepare_hint(name: str, data_dir: str) -> str:
           f"at a directory where it is prepared.")
 
 
-def _tfds_builder(name: str, data_dir: str, check_prepared: bool):
+def tfds_is_mocked() -> bool:
+  """True inside `tfds.testing.mock_data` (its builders generate examples and are never prepared)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  as_dataset = tfds.core.DatasetBuilder.as_dataset
+  return getattr(as_dataset, "__module__", "").startswith("tensorflow_datasets.testing")
+
+
+def _tfds_builder(name: str, data_dir: str, check_prepared: bool | None):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  if check_prepared is None:
+    check_prepared = not tfds_is_mocked()
   builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
   if check_prepared and not builder.is_prepared():
     raise FileNotFoundError(
@@ -266,15 +276,15 @@ def _load_tfds_in_memory(builder, name: str, split: str) -> ArrayDataset:
   return ArrayDataset(images, np.concatenate(labels).astype(np.int32), name)
 
 
-def load_dataset(data_config: Any, split: str, *, check_prepared: bool = True) -> Dataset:
+def load_dataset(data_config: Any, split: str, *, check_prepared: bool | None = None) -> Dataset:
   """Loads one split of `data_config.name`.
 
   Args:
     data_config: `config.data` (name, data_dir, image_size, num_channels, num_classes).
     split: split name ('train', 'test', or any tfds split string for tfds datasets).
-    check_prepared: fail fast if a tfds dataset is not prepared in the data dir (always on in real
-      runs; tests running under `tfds.testing.mock_data`, whose builders are never "prepared",
-      turn it off).
+    check_prepared: fail fast if a tfds dataset is not prepared in the data dir. None (default):
+      check, except under `tfds.testing.mock_data`, whose builders generate fake examples and are
+      never "prepared" (`tfds_is_mocked`). True/False force it on/off.
 
   Returns:
     An `ArrayDataset` (in memory) or, for imagenet2012, a `SourceDataset` (random access).

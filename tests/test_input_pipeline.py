@@ -71,8 +71,12 @@ def test_cifar10_through_load_dataset_under_mock_data(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   config = _data_config(name="cifar10", data_dir=str(tmp_path), image_size=32, num_channels=3)
   with tfds.testing.mock_data(num_examples=24):
-    ds = ip.load_dataset(config, "train", check_prepared=False)
+    assert ip.tfds_is_mocked()
+    ds = ip.load_dataset(config, "train")  # The prepared check is skipped when mocked.
     test = ip.load_dataset(config, "test", check_prepared=False)
+    with pytest.raises(FileNotFoundError, match="cifar10"):
+      ip.load_dataset(config, "train", check_prepared=True)
+  assert not ip.tfds_is_mocked()
   assert isinstance(ds, ip.ArrayDataset) and len(ds) == 24 and len(test) == 24
   assert ds.images.shape == (24, 32, 32, 3) and ds.images.dtype == np.uint8
   assert ds.labels.dtype == np.int32 and 0 <= ds.labels.min() and ds.labels.max() < 10
@@ -239,3 +243,23 @@ def test_autoaugment_warns_and_runs(digits_train, caplog):
     out = ip.augment(jax.random.key(0), digits_train.images[:4], _data_config(autoaugment=True))
   assert out.shape == (4, 8, 8, 1)
   assert "AutoAugment is not implemented" in caplog.text
+
+
+def test_imagenet_random_access_under_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = _data_config(name="imagenet2012", data_dir=str(tmp_path), image_size=16, num_channels=3,
+                        num_classes=1000)
+  with tfds.testing.mock_data(num_examples=10):
+    ds = ip.load_dataset(config, "train")
+    assert isinstance(ds, ip.SourceDataset) and len(ds) == 10
+    batch = ip.train_batch(ds, seed=0, step=1, global_batch_size=4)
+    again = ip.train_batch(ds, seed=0, step=1, global_batch_size=4)
+    train, calib = ip.split_calibration(ds, 0.2, seed=0)
+  assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.uint8
+  np.testing.assert_array_equal(batch["image"], again["image"])
+  assert len(train) == 8 and len(calib) == 2 and not set(train.indices) & set(calib.indices)
+  # Host-side resize: shorter side to the target, then a centre crop.
+  img = np.zeros((20, 40, 3), np.uint8)
+  img[:, 5:35] = 255
+  out = ip._resize_center_crop(img, 10)  # pylint: disable=protected-access
+  assert out.shape == (10, 10, 3) and out.min() == 255
