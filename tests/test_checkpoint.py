@@ -389,3 +389,72 @@ def test_restore_onto_different_device_count(two_steps, tmp_path):
                           shardings={"params": jax.tree.map(lambda _: rep, abstract_of(2)["params"])})
   assert items["params"]["dense"]["w"].sharding == rep
   assert_bitwise_equal(C.restore_for_eval(dst).params, make_state(2)[0])
+
+
+_TWO_PROCESSES = textwrap.dedent("""
+    import os, sys
+    import jax
+    pid, port, d = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.config.update("jax_platforms", "cpu")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                               initialization_timeout=60)
+    import numpy as np, jax.numpy as jnp
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from dynroute_jax import checkpoint as C
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sh = NamedSharding(mesh, P("data"))
+    def make(step):
+      host = np.arange(8, dtype=np.float32) + step
+      return {"w": jax.make_array_from_callback((8,), sh, lambda idx: host[idx])}
+    ck = C.Checkpointer(d, keep=2, fingerprint="abc")
+    for s in (1, 2, 3):
+      ck.save(s, params=make(s), meta={"stage": 1})
+    ck.wait_until_finished()
+    print("steps", ck.all_steps(), ck.latest_good_step(), flush=True)
+    abstract = {"params": {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sh)}}
+    items, meta = ck.restore(abstract=abstract, items=("params",))
+    w = multihost_utils.process_allgather(items["params"]["w"], tiled=True)
+    print("restored", np.asarray(w).tolist(), meta["step"], flush=True)
+    multihost_utils.sync_global_devices("before_damage")
+    if pid == 0:  # Only process 0 sees the damage happen; all must agree on the step.
+      os.remove(os.path.join(d, "3", "manifest.json"))
+    multihost_utils.sync_global_devices("after_damage")
+    print("after damage", ck.latest_good_step(), flush=True)
+    ck.save(3, params=make(3), meta={"stage": 1}, force=True)
+    ck.close()
+    print("final", ck.all_steps(), ck.verify(3), flush=True)
+""")
+
+
+def test_two_processes(tmp_path):
+  """Two jax.distributed CPU processes share a directory: manifests, retention, resume."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "two.py"
+  script.write_text(_TWO_PROCESSES)
+  d = str(tmp_path / "ckpt")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), d], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=240))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    lines = [l for l in out.splitlines() if not l.startswith("[Gloo]")]
+    assert lines == ["steps [2, 3] 3",
+                     "restored [3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0] 3",
+                     "after damage 2",
+                     "final [2, 3] []"], out
+  assert len(os.listdir(os.path.join(d, C.QUARANTINE_DIR))) == 1
