@@ -28,7 +28,7 @@ Usage::
 Public API
 ----------
 - `Checkpointer(directory, *, keep=3, async_save=True, fingerprint=None, save_interval_steps=1)`:
-  `save`, `wait_until_finished`, `all_steps`, `latest_good_step`, `verify`, `problems`,
+  `save`, `wait_until_finished`, `all_steps`, `latest_good_step`, `verify`,
   `restore`, `read_meta`, `check_compatible`, `close` (also a context manager).
 - `restore_for_eval(workdir, step=None, *, sharding=None)` -> `EvalCheckpoint(params, batch_stats,
   meta)`.
@@ -336,10 +336,6 @@ class Checkpointer:
   def verify(self, step: int) -> list[str]:
     """Problems found in `step` (an empty list when it is good). Reads every file."""
     return self._problems(step, full=True)
-
-  def problems(self, step: int) -> list[str]:
-    """Alias of `verify`."""
-    return self.verify(step)
 
   def _problems(self, step: int, full: bool) -> list[str]:
     step_dir = self._step_dir(step)
@@ -699,8 +695,12 @@ class Checkpointer:
     for k in items:
       if k in saved:
         out[k] = restored[k]
+      elif meta.get("empty_items", {}).get(k) == "none":
+        out[k] = None
+      elif k in abstract and _is_empty_tree(abstract[k]) and abstract[k] is not None:
+        out[k] = abstract[k]  # A leafless tree (e.g. optax EmptyState()s) is its own value.
       else:
-        out[k] = None if meta.get("empty_items", {}).get(k) == "none" else {}
+        out[k] = {}
     return out, meta
 
   def close(self) -> None:
