@@ -600,10 +600,6 @@ class Checkpointer:
 
   # -- restoring.
 
-  def _available(self) -> str:
-    steps = self.all_steps()
-    return ", ".join(map(str, steps)) if steps else "none"
-
   def _resolve_step(self, step: Optional[int]) -> int:
     self.wait_until_finished()
     if not os.path.isdir(self.directory):
