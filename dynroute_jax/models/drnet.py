@@ -1,0 +1,741 @@
+"""DRNet: Dynamic Routing Networks (Cai, Shu & Wang, WACV 2021), in Flax linen.
+
+Architecture (paper Sec. 3 and 4.1; DARTS conventions where the paper is silent):
+  * Stem: CIFAR, conv3x3 3 -> stem_multiplier * C, BN (both first cell inputs are the stem output);
+    ImageNet (DARTS ImageNet), stem0 = conv3x3/2 -> C/2, BN, ReLU, conv3x3/2 -> C, BN and
+    stem1 = ReLU, conv3x3/2 -> C, BN (x0 = stem0, x1 = stem1, a 1/8 resolution).
+  * L cells; cells L//3 and 2L//3 (0-based) are reductions: channels doubled, resolution halved.
+    Cell inputs x0, x1 are the outputs of the two previous cells, preprocessed to the cell's C
+    channels by ReLU-conv1x1-BN, or by a FactorizedReduce for x0 when it has twice x1's resolution
+    (the previous cell was a reduction).
+  * N = num_nodes intermediate nodes. Node x_i (i = 2 .. N+1) sums two connections: one from
+    x_{i-1} and one from x0 or x1, drawn once from `topology_seed`. The topology is shared by all
+    cells ("L structurally identical cells") and exposed as the static `DRNet.topology`:
+    a tuple over nodes of (index of x_{i-1}, index of the random input in {0, 1}). Node 2's first
+    input is x1 (x_{i-1} with i = 2), so node 2 may read x1 twice, through two connections with
+    their own weights. Connection c = 2 * node + j (j = 0: from x_{i-1}, j = 1: the random input).
+    The cell output concatenates the N nodes (N * C channels). C_conn = 2 N connections per cell.
+  * Connection: K = 5 branches, in this order (`BRANCHES`): 3x3 max-pool, 3x3 avg-pool, 3x3 sep-conv,
+    5x5 sep-conv (DARTS separable conv applied twice), skip (identity; FactorizedReduce when
+    stride 2). In a reduction cell the connections reading x0 or x1 have stride 2 ("nodes directly
+    connected to input nodes are downsampled with stride 2"), all their branches included.
+  * RouterNet (one per cell, param paths contain 'router'): input x0 and x1 as the cell receives
+    them (`router_input='raw'`, the default), concatenated on channels. When x0 has twice x1's
+    resolution (after a reduction) x0 is first average-pooled 2x2/2 (no parameters, no MACs) to
+    x1's resolution. Then two blocks of [pointwise conv -> W, BN, ReLU, depthwise 5x5 stride 2, BN,
+    ReLU], global average pool and a dense layer to C_conn x K logits. Width W =
+    round(router_width_multiplier * C) with C the cell's channels. `router_input='preprocessed'`
+    feeds the concatenated preprocessed inputs (2C channels) instead (a cheaper reading).
+    This reading (raw inputs, W = C) is the one that reproduces the paper's model sizes (see
+    configs/drnet_cifar10.py for the measured figures); the paper does not give the widths.
+    `use_router=False` is the "w/o RouterNet" ablation: one learned logit vector per connection
+    (param 'router/logits', [C_conn, K], shared by all examples).
+  * Auxiliary head (param paths contain 'aux_head'): DARTS CIFAR head on the output of cell 2L//3:
+    ReLU, avg-pool 5 stride `aux_pool_stride` (3 CIFAR, 2 ImageNet; window min(5, H) on small
+    maps), conv1x1 -> 128, BN, ReLU, conv -> 768 with a kernel covering the pooled map (2x2 on the
+    paper's sizes), BN, ReLU, dense -> classes. Training only (`aux_logits` is None otherwise);
+    excluded from `params_fixed` and from model sizes, as in DARTS.
+  * Classifier: global average pool, dense -> classes.
+
+Routing (`__call__`):
+  * train=True: w = routing.gumbel_softmax(key, logits, tau) with the key from the 'routing' rng
+    stream (`gumbel=False`, the "Softmax" ablation: no noise). Connection output sum_b w_b F_b(x).
+  * train=False, threshold=None: w = softmax(logits / tau) (noise-free; `tau` is the evaluation
+    temperature, normally the final training temperature), every branch runs.
+  * train=False, threshold=T: mask, w = routing.threshold_select(softmax(logits / tau), T); output
+    sum over kept branches of w_b F_b(x). `strategy='dense'` computes every branch and masks;
+    other strategies go through `dynroute_jax.dispatch.mix_branches`, which runs each branch only
+    on the examples that kept it (each branch is its own submodule, called as a pure function).
+  * Drop-connection (`drop_path_rate`, per call, training only, 'dropout' rng): DARTS drop-path on
+    the output of every branch but the identity.
+  * Drop-branch (`drop_branch_rate`, a model field; the paper's "drop-branch 0.7" is not defined
+    further). Our reading: in training, for every (example, connection) each branch except the skip
+    branch is dropped independently with probability p, and the weights of the surviving branches
+    are renormalised to sum to 1 (the skip branch always survives, so a connection never loses all
+    its branches). The mask comes from the 'dropout' stream. `ModelOutput.weights` reports the
+    router's weights before drop-branch (the distribution the resource loss acts on). 0 disables.
+
+Costs (`ModelOutput`): `macs_table` / `params_table` [L*C_conn*K] hold each branch's MACs and
+parameters for one example, from `costs.module_macs` / `costs.module_params` of the branch
+definition at its input shape (cached). `macs_fixed` / `params_fixed` cover the stem, the
+preprocessing, the routers and the classifier (not the auxiliary head). MACs are multiply-
+accumulates of conv and dense layers (FLOPs = 2 x MACs; the paper's "FLOPs" are MACs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dynroute_jax import costs
+from dynroute_jax import routing
+from dynroute_jax.models import base
+from dynroute_jax.models import ops
+
+Array = jax.Array
+
+BRANCHES = ("max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3", "sep_conv_5x5", "skip_connect")
+SKIP_INDEX = BRANCHES.index("skip_connect")
+NUM_BRANCHES = len(BRANCHES)
+
+# variant -> (num_cells, init_channels). 'tiny' is for tests and the digits demo.
+VARIANTS = {"tiny": (3, 8), "S": (5, 15), "M": (10, 20), "L": (10, 32)}
+STEMS = ("cifar", "imagenet")
+ROUTER_INPUTS = ("raw", "preprocessed")
+STRATEGIES = ("auto", "dense", "batch_cond", "per_example", "compact", "chunk")
+AUX_CHANNELS = (128, 768)
+
+
+# ------------------------------------------------------------------------------------------------
+# Topology and branch definitions.
+# ------------------------------------------------------------------------------------------------
+
+
+def make_topology(seed: int, num_nodes: int = 4) -> tuple[tuple[int, int], ...]:
+  """The cell topology: per node i = 2 .. N+1, (i - 1, r) with r in {0, 1} drawn from `seed`.
+
+  Uses numpy's legacy RandomState, whose stream is fixed across numpy versions.
+  """
+  picks = np.random.RandomState(seed).randint(0, 2, size=num_nodes)
+  return tuple((i + 1, int(picks[i])) for i in range(num_nodes))
+
+
+def make_branch(kind: str, channels: int, stride: int, **kwargs: Any) -> nn.Module:
+  """The module of branch `kind` for a connection with `channels` channels and `stride`."""
+  if kind == "max_pool_3x3":
+    return ops.MaxPool3x3(stride=stride, **kwargs)
+  if kind == "avg_pool_3x3":
+    return ops.AvgPool3x3(stride=stride, **kwargs)
+  if kind == "sep_conv_3x3":
+    return ops.SepConv(channels, 3, stride, **kwargs)
+  if kind == "sep_conv_5x5":
+    return ops.SepConv(channels, 5, stride, **kwargs)
+  if kind == "skip_connect":
+    return ops.Identity(**kwargs) if stride == 1 else ops.FactorizedReduce(channels, **kwargs)
+  raise ValueError(f"Unknown branch {kind!r}; allowed: {BRANCHES}.")
+
+
+def make_preprocess(channels: int, reduce: bool, **kwargs: Any) -> nn.Module:
+  """Cell input preprocessing: FactorizedReduce (halves resolution) or ReLU-conv1x1-BN."""
+  if reduce:
+    return ops.FactorizedReduce(channels, **kwargs)
+  return ops.ReLUConvBN(channels, 1, 1, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sub-modules.
+# ------------------------------------------------------------------------------------------------
+
+
+class Stem(nn.Module):
+  """CIFAR stem (x0 = x1 = conv3x3-BN) or DARTS ImageNet stems (x0 at 1/4, x1 at 1/8)."""
+  kind: str
+  channels: int
+  multiplier: int = 3
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
+    if self.kind == "cifar":
+      s = ops.conv(self.multiplier * self.channels, 3)(x)
+      s = ops.batch_norm(train)(s)
+      return s, s
+    c = self.channels
+    s0 = ops.conv(c // 2, 3, 2)(x)
+    s0 = ops.batch_norm(train)(s0)
+    s0 = nn.relu(s0)
+    s0 = ops.conv(c, 3, 2)(s0)
+    s0 = ops.batch_norm(train)(s0)
+    s1 = nn.relu(s0)
+    s1 = ops.conv(c, 3, 2)(s1)
+    s1 = ops.batch_norm(train)(s1)
+    return s0, s1
+
+
+class RouterNet(nn.Module):
+  """Two separable blocks (pointwise -> width, depthwise 5x5/2), global pool, dense -> [B, C, K]."""
+  width: int
+  num_connections: int
+  num_branches: int = NUM_BRANCHES
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    for _ in range(2):
+      x = ops.conv(self.width, 1)(x)
+      x = nn.relu(ops.batch_norm(train)(x))
+      x = ops.conv(self.width, 5, 2, groups=self.width)(x)
+      x = nn.relu(ops.batch_norm(train)(x))
+    x = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_connections * self.num_branches)(x)
+    return logits.reshape(x.shape[0], self.num_connections, self.num_branches)
+
+
+class FixedRouter(nn.Module):
+  """"w/o RouterNet" ablation: one learned logit vector per connection, for every example."""
+  num_connections: int
+  num_branches: int = NUM_BRANCHES
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    del train
+    logits = self.param("logits", nn.initializers.normal(1e-3),
+                        (self.num_connections, self.num_branches))
+    return jnp.broadcast_to(logits, (x.shape[0],) + logits.shape)
+
+
+class AuxHead(nn.Module):
+  """DARTS auxiliary head (see the module docstring for the small-map generalisation)."""
+  num_classes: int
+  pool_stride: int = 3
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    x = nn.relu(x)
+    win = (min(5, x.shape[1]), min(5, x.shape[2]))
+    x = nn.avg_pool(x, win, strides=(self.pool_stride, self.pool_stride), padding="VALID")
+    x = nn.Conv(AUX_CHANNELS[0], (1, 1), use_bias=False)(x)
+    x = nn.relu(ops.batch_norm(train)(x))
+    x = nn.Conv(AUX_CHANNELS[1], (x.shape[1], x.shape[2]), padding="VALID", use_bias=False)(x)
+    x = nn.relu(ops.batch_norm(train)(x))
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+class Classifier(nn.Module):
+  """Global average pool, dense -> classes."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    del train
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def drop_branch(key: Array, weights: Array, rate: float) -> Array:
+  """Drops each non-skip branch with probability `rate`; renormalises the survivors' weights."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, weights.shape)
+  keep = keep.at[..., SKIP_INDEX].set(True)
+  kept = jnp.where(keep, weights, 0.0)
+  total = jnp.sum(kept, axis=-1, keepdims=True)
+  return jnp.where(total > 0, kept / jnp.maximum(total, jnp.finfo(kept.dtype).tiny), weights)
+
+
+class Connection(nn.Module):
+  """One connection: K branch submodules (named as in `BRANCHES`), mixed by per-example weights."""
+  channels: int
+  stride: int = 1
+
+  def setup(self):
+    for kind in BRANCHES:
+      setattr(self, kind, make_branch(kind, self.channels, self.stride))
+
+  @property
+  def branches(self) -> tuple[nn.Module, ...]:
+    return tuple(getattr(self, kind) for kind in BRANCHES)
+
+  def __call__(self, x: Array, weights: Array, mask: Array | None = None, *, train: bool,
+               drop_path_rate: float | Array = 0.0, strategy: str = "dense") -> Array:
+    """weights: [B, K]; mask: [B, K] bool (threshold mode) or None (every branch runs)."""
+    if strategy != "dense" and mask is not None and not train and not self.is_initializing():
+      return self._dispatch(x, weights, mask, strategy)
+    out = None
+    for b, branch in enumerate(self.branches):
+      h = branch(x, train=train)
+      if (train and not isinstance(branch, ops.Identity)
+          and not (isinstance(drop_path_rate, (int, float)) and drop_path_rate == 0)):
+        h = ops.drop_path(h, drop_path_rate, self.make_rng("dropout"))
+      term = weights[:, b, None, None, None].astype(h.dtype) * h
+      if mask is not None:
+        term = jnp.where(mask[:, b, None, None, None], term, jnp.zeros((), h.dtype))
+      out = term if out is None else out + term
+    return out
+
+  def _dispatch(self, x: Array, weights: Array, mask: Array, strategy: str) -> Array:
+    from dynroute_jax import dispatch  # pylint: disable=g-import-not-at-top
+    fns = []
+    for branch in self.branches:
+      module, variables = branch.unbind()
+      fns.append(functools.partial(_apply_eval, module, variables))
+    w = jnp.where(mask, weights, 0.0)
+    return dispatch.mix_branches(fns, x, w, strategy=strategy)
+
+
+def _apply_eval(module: nn.Module, variables: Any, x: Array) -> Array:
+  return module.apply(variables, x, train=False)
+
+
+class Cell(nn.Module):
+  """A DRNet cell with its RouterNet. Returns (output, weights [B,C,K], executed [B,C,K])."""
+  channels: int
+  reduction: bool
+  topology: tuple[tuple[int, int], ...]
+  use_router: bool = True
+  gumbel: bool = True
+  drop_branch_rate: float = 0.0
+  router_width: int = 0
+  router_input: str = "raw"
+
+  @nn.compact
+  def __call__(self, s0: Array, s1: Array, *, train: bool, tau: float | Array,
+               threshold: float | Array | None, drop_path_rate: float | Array,
+               strategy: str) -> tuple[Array, Array, Array]:
+    ratio = s0.shape[1] // s1.shape[1]
+    p0 = make_preprocess(self.channels, ratio == 2, name="preprocess0")(s0, train=train)
+    p1 = make_preprocess(self.channels, False, name="preprocess1")(s1, train=train)
+    num_conn = 2 * len(self.topology)
+
+    if self.use_router:
+      r_in = router_input(s0, s1, p0, p1, self.router_input)
+      logits = RouterNet(self.router_width, num_conn, name="router")(r_in, train=train)
+    else:
+      logits = FixedRouter(num_conn, name="router")(s1, train=train)
+
+    mask = None
+    if train:
+      key = self.make_rng("routing") if self.gumbel else None
+      weights = routing.gumbel_softmax(key, logits, tau)
+      mix = weights
+      if self.drop_branch_rate > 0:
+        mix = drop_branch(self.make_rng("dropout"), weights, self.drop_branch_rate)
+      executed = jnp.ones_like(weights)
+    else:
+      weights = routing.gumbel_softmax(None, logits, tau)
+      if threshold is None:
+        executed = jnp.ones_like(weights)
+      else:
+        mask, weights = routing.threshold_select(weights, threshold)
+        executed = mask.astype(weights.dtype)
+      mix = weights
+
+    states = [p0, p1]
+    for node, (prev, rand) in enumerate(self.topology):
+      total = None
+      for j, src in enumerate((prev, rand)):
+        c = 2 * node + j
+        stride = 2 if self.reduction and src < 2 else 1
+        y = Connection(self.channels, stride, name=f"conn_{c}")(
+            states[src], mix[:, c], None if mask is None else mask[:, c], train=train,
+            drop_path_rate=drop_path_rate, strategy=strategy)
+        total = y if total is None else total + y
+      states.append(total)
+    return jnp.concatenate(states[2:], axis=-1), weights, executed
+
+
+def router_input(s0: Array, s1: Array, p0: Array, p1: Array, kind: str) -> Array:
+  """The RouterNet's input: raw x0 (pooled to x1's resolution) and x1, or the preprocessed pair."""
+  if kind == "preprocessed":
+    return jnp.concatenate([p0, p1], axis=-1)
+  ratio = s0.shape[1] // s1.shape[1]
+  if ratio > 1:
+    s0 = nn.avg_pool(s0, (ratio, ratio), strides=(ratio, ratio), padding="VALID")
+  return jnp.concatenate([s0, s1], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Static plan and cost tables.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CellPlan:
+  """Static shapes of one cell ((h, w, c) without batch)."""
+  index: int
+  channels: int
+  reduction: bool
+  in0: tuple[int, int, int]
+  in1: tuple[int, int, int]
+  out: tuple[int, int, int]
+  router_in: tuple[int, int, int]
+  # Per connection: (input shape (h, w, c), stride).
+  connections: tuple[tuple[tuple[int, int, int], int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CostTables:
+  """Per-example MACs/params of every branch and of the fixed parts, for one input shape."""
+  macs_table: np.ndarray      # [L, C, K] int64
+  params_table: np.ndarray    # [L, C, K] int64
+  macs: dict[str, int]        # stem, preprocess, routers, classifier, branches, aux_head
+  params: dict[str, int]      # same keys
+
+  @property
+  def macs_fixed(self) -> int:
+    return sum(self.macs[k] for k in ("stem", "preprocess", "routers", "classifier"))
+
+  @property
+  def params_fixed(self) -> int:
+    return sum(self.params[k] for k in ("stem", "preprocess", "routers", "classifier"))
+
+
+@functools.lru_cache(maxsize=None)
+def _cost(builder: Callable[..., nn.Module], args: tuple, input_shape: tuple[int, ...]
+          ) -> tuple[int, int]:
+  """(MACs, params) of `builder(*args)` on one example of `input_shape` (batch 1 included)."""
+  module = builder(*args, parent=None)
+  return (costs.module_macs(module, input_shape, train=False),
+          costs.module_params(module, input_shape, train=False))
+
+
+def _router_builder(width: int, num_connections: int, parent=None) -> nn.Module:
+  return RouterNet(width, num_connections, parent=parent)
+
+
+def _fixed_router_builder(num_connections: int, parent=None) -> nn.Module:
+  return FixedRouter(num_connections, parent=parent)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model.
+# ------------------------------------------------------------------------------------------------
+
+
+class DRNet(nn.Module):
+  """Dynamic Routing Network. See the module docstring; build it with `from_config`."""
+  num_classes: int = 10
+  num_cells: int = 5
+  init_channels: int = 15
+  num_nodes: int = 4
+  inputs_per_node: int = 2
+  topology_seed: int = 0
+  use_router: bool = True
+  gumbel: bool = True
+  aux_head: bool = True
+  drop_branch_rate: float = 0.0
+  router_width_multiplier: float = 1.0
+  router_input: str = "raw"
+  stem: str = "cifar"
+  stem_multiplier: int = 3
+  aux_pool_stride: int = 3
+  image_size: int = 32
+  num_channels: int = 3
+
+  # ---- static structure ------------------------------------------------------------------------
+
+  @property
+  def topology(self) -> tuple[tuple[int, int], ...]:
+    """Per node (x_{i-1} index, random input index in {0, 1}); shared by every cell."""
+    return make_topology(self.topology_seed, self.num_nodes)
+
+  @property
+  def num_connections(self) -> int:
+    return self.inputs_per_node * self.num_nodes
+
+  @property
+  def reduction_cells(self) -> tuple[int, int]:
+    return (self.num_cells // 3, 2 * self.num_cells // 3)
+
+  @property
+  def aux_cell(self) -> int:
+    """0-based index of the cell whose output feeds the auxiliary head (DARTS: 2L//3)."""
+    return 2 * self.num_cells // 3
+
+  @property
+  def site_shape(self) -> tuple[int, int, int]:
+    return (self.num_cells, self.num_connections, NUM_BRANCHES)
+
+  def router_width(self, channels: int) -> int:
+    return max(1, int(round(self.router_width_multiplier * channels)))
+
+  def _fields(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(DRNet)
+            if f.name in FIELD_NAMES}
+
+  def plan(self, input_shape: tuple[int, ...]) -> tuple[CellPlan, ...]:
+    """Static shapes of every cell for an input of `input_shape` ([B,] H, W, C)."""
+    return _plan(tuple(sorted(self._fields().items())), tuple(input_shape[-3:]))
+
+  def cost_tables(self, input_shape: tuple[int, ...] | None = None) -> CostTables:
+    """Per-example cost tables for inputs of `input_shape` (default: the configured image)."""
+    if input_shape is None:
+      input_shape = (self.image_size, self.image_size, self.num_channels)
+    return _cost_tables(tuple(sorted(self._fields().items())), tuple(input_shape[-3:]))
+
+  # ---- forward ---------------------------------------------------------------------------------
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool, tau: float | Array = 1.0,
+               threshold: float | Array | None = None, drop_path_rate: float | Array = 0.0,
+               strategy: str = "dense") -> base.ModelOutput:
+    validate_fields(self._fields(), prefix="DRNet.")
+    routing.check_tau(tau, "tau")
+    if threshold is not None:
+      if train:
+        raise ValueError("threshold applies to evaluation only (train=False); got "
+                         f"threshold={threshold!r} with train=True.")
+      routing.check_threshold(threshold, "threshold")
+    if isinstance(drop_path_rate, (int, float)) and not 0.0 <= drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate must lie in [0, 1); got {drop_path_rate!r}.")
+    if strategy not in STRATEGIES:
+      raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
+    if x.ndim != 4 or x.shape[-1] != self.num_channels:
+      raise ValueError(f"x must be [B, H, W, {self.num_channels}] (num_channels="
+                       f"{self.num_channels}); got shape {x.shape}.")
+    _check_spatial(x.shape[1], x.shape[2], self.stem, "x's H and W")
+    if strategy == "auto":
+      from dynroute_jax import dispatch  # pylint: disable=g-import-not-at-top
+      strategy = dispatch.resolve_strategy(strategy, x.shape[0])
+
+    plans = self.plan(x.shape)
+    s0, s1 = Stem(self.stem, self.init_channels, self.stem_multiplier, name="stem")(x, train=train)
+    weights, executed = [], []
+    aux_logits = None
+    for p in plans:
+      out, w, e = Cell(p.channels, p.reduction, self.topology, self.use_router, self.gumbel,
+                       self.drop_branch_rate, self.router_width(p.channels), self.router_input,
+                       name=f"cell_{p.index}")(
+                           s0, s1, train=train, tau=tau, threshold=threshold,
+                           drop_path_rate=drop_path_rate, strategy=strategy)
+      assert out.shape[1:] == p.out, (out.shape, p.out)
+      s0, s1 = s1, out
+      weights.append(w)
+      executed.append(e)
+      if (p.index == self.aux_cell and self.aux_head
+          and (train or self.is_initializing())):
+        aux = AuxHead(self.num_classes, self.aux_pool_stride, name="aux_head")(s1, train=train)
+        aux_logits = aux if train else None
+    logits = Classifier(self.num_classes, name="classifier")(s1)
+
+    b = x.shape[0]
+    weights = jnp.stack(weights, axis=1).reshape(b, -1)
+    executed = jnp.stack(executed, axis=1).reshape(b, -1)
+    tables = self.cost_tables(x.shape)
+    return base.ModelOutput(
+        logits=logits,
+        aux_logits=aux_logits,
+        weights=weights,
+        executed=executed,
+        path=weights,
+        macs_table=jnp.asarray(tables.macs_table.reshape(-1), jnp.float32),
+        params_table=jnp.asarray(tables.params_table.reshape(-1), jnp.float32),
+        macs_fixed=jnp.asarray(tables.macs_fixed, jnp.float32),
+        params_fixed=jnp.asarray(tables.params_fixed, jnp.float32),
+        site_shape=self.site_shape,
+    )
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(DRNet)
+                    if f.name not in ("parent", "name"))
+
+
+def _model_from_items(items: tuple) -> DRNet:
+  return DRNet(**dict(items), parent=None)
+
+
+def _stem_reduction(stem: str) -> int:
+  return 1 if stem == "cifar" else 8
+
+
+def _check_spatial(h: int, w: int, stem: str, what: str) -> None:
+  factor = 4 * _stem_reduction(stem)
+  if h % factor or w % factor:
+    raise ValueError(f"{what} must be divisible by {factor} (the {stem} stem reduces by "
+                     f"{_stem_reduction(stem)}, then two reduction cells halve it twice); "
+                     f"got {h}x{w}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(items: tuple, hwc: tuple[int, int, int]) -> tuple[CellPlan, ...]:
+  m = _model_from_items(items)
+  h, w, _ = hwc
+  c = m.init_channels
+  if m.stem == "cifar":
+    s0 = s1 = (h, w, m.stem_multiplier * c)
+  else:
+    s0 = (h // 4, w // 4, c)
+    s1 = (h // 8, w // 8, c)
+  plans = []
+  reductions = m.reduction_cells
+  for i in range(m.num_cells):
+    if i in reductions:
+      c *= 2
+    reduction = i in reductions
+    hi, wi = s1[0], s1[1]
+    ho, wo = (hi // 2, wi // 2) if reduction else (hi, wi)
+    router_c = s0[2] + s1[2] if m.router_input == "raw" else 2 * c
+    conns = []
+    for node, (prev, rand) in enumerate(m.topology):
+      for src in (prev, rand):
+        if src < 2:
+          conns.append(((hi, wi, c), 2 if reduction else 1))
+        else:
+          conns.append(((ho, wo, c), 1))
+    out = (ho, wo, m.num_nodes * c)
+    plans.append(CellPlan(i, c, reduction, s0, s1, out, (hi, wi, router_c), tuple(conns)))
+    s0, s1 = s1, out
+  return tuple(plans)
+
+
+@functools.lru_cache(maxsize=None)
+def _cost_tables(items: tuple, hwc: tuple[int, int, int]) -> CostTables:
+  m = _model_from_items(items)
+  plans = _plan(items, hwc)
+  k = NUM_BRANCHES
+  macs_t = np.zeros((m.num_cells, m.num_connections, k), np.int64)
+  params_t = np.zeros_like(macs_t)
+  macs = dict(stem=0, preprocess=0, routers=0, classifier=0, branches=0, aux_head=0)
+  params = dict(macs)
+
+  def add(group, cost):
+    macs[group] += cost[0]
+    params[group] += cost[1]
+
+  add("stem", _cost(Stem, (m.stem, m.init_channels, m.stem_multiplier), (1,) + hwc))
+  for p in plans:
+    add("preprocess", _cost(make_preprocess, (p.channels, p.in0[0] == 2 * p.in1[0]),
+                            (1,) + p.in0))
+    add("preprocess", _cost(make_preprocess, (p.channels, False), (1,) + p.in1))
+    if m.use_router:
+      add("routers", _cost(_router_builder, (m.router_width(p.channels), m.num_connections),
+                           (1,) + p.router_in))
+    else:
+      add("routers", _cost(_fixed_router_builder, (m.num_connections,), (1,) + p.in1))
+    for c, (shape, stride) in enumerate(p.connections):
+      for b, kind in enumerate(BRANCHES):
+        cm, cp = _cost(make_branch, (kind, p.channels, stride), (1,) + shape)
+        macs_t[p.index, c, b] = cm
+        params_t[p.index, c, b] = cp
+  add("classifier", _cost(Classifier, (m.num_classes,), (1,) + plans[-1].out))
+  if m.aux_head:
+    add("aux_head", _cost(AuxHead, (m.num_classes, m.aux_pool_stride),
+                          (1,) + plans[m.aux_cell].out))
+  macs["branches"] = int(macs_t.sum())
+  params["branches"] = int(params_t.sum())
+  return CostTables(macs_t, params_t, macs, params)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config.
+# ------------------------------------------------------------------------------------------------
+
+
+def default_config(variant: str = "S", num_classes: int = 10, image_size: int = 32,
+                   num_channels: int = 3) -> ml_collections.ConfigDict:
+  """The `config.model` section of a DRNet variant ('S', 'M', 'L', or 'tiny' for tests)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant must be one of {tuple(VARIANTS)} "
+                     f"('S', 'M', 'L' from the paper, 'tiny' for tests); got {variant!r}.")
+  num_cells, channels = VARIANTS[variant]
+  return ml_collections.ConfigDict(dict(
+      name="drnet",
+      variant=variant,
+      num_cells=num_cells,
+      init_channels=channels,
+      num_nodes=4,
+      inputs_per_node=2,
+      topology_seed=0,
+      use_router=True,          # False: "w/o RouterNet" ablation (learned logits per connection).
+      gumbel=True,              # False: "Softmax" ablation (no Gumbel noise in training).
+      aux_head=True,
+      drop_branch_rate=0.0,     # see the module docstring for the reading; 0 disables.
+      router_width_multiplier=1.0,  # router width = round(multiplier * cell channels).
+      router_input="raw",       # 'raw' (x0, x1 as received) or 'preprocessed'.
+      stem="cifar",             # 'cifar' or 'imagenet' (two stride-2 stems, DARTS ImageNet).
+      stem_multiplier=3,
+      aux_pool_stride=3,        # DARTS: 3 (CIFAR head), 2 (ImageNet head).
+      num_classes=num_classes,
+      image_size=image_size,
+      num_channels=num_channels,
+  ))
+
+
+CONFIG_FIELDS = ("name", "variant") + FIELD_NAMES
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def validate_fields(f: dict[str, Any], prefix: str = "config.model.") -> None:
+  """Raises a ValueError naming the first bad model field and its allowed values."""
+  def need_int(name, lo):
+    v = f[name]
+    if not _is_int(v) or v < lo:
+      raise ValueError(f"{prefix}{name} must be an int >= {lo}; got {v!r}.")
+
+  def need_bool(name):
+    if not isinstance(f[name], (bool, np.bool_)):
+      raise ValueError(f"{prefix}{name} must be a bool; got {f[name]!r}.")
+
+  def need_choice(name, allowed):
+    if f[name] not in allowed:
+      raise ValueError(f"{prefix}{name} must be one of {allowed}; got {f[name]!r}.")
+
+  need_int("num_cells", 3)
+  need_int("init_channels", 1)
+  need_int("num_nodes", 1)
+  if f["inputs_per_node"] != 2 or not _is_int(f["inputs_per_node"]):
+    raise ValueError(f"{prefix}inputs_per_node must be 2 (x_(i-1) and x0 or x1, the paper's "
+                     f"plain topology); got {f['inputs_per_node']!r}.")
+  need_int("topology_seed", 0)
+  for name in ("use_router", "gumbel", "aux_head"):
+    need_bool(name)
+  v = f["drop_branch_rate"]
+  if not _is_num(v) or not 0.0 <= v < 1.0:
+    raise ValueError(f"{prefix}drop_branch_rate must lie in [0, 1); got {v!r}.")
+  v = f["router_width_multiplier"]
+  if not _is_num(v) or not (math.isfinite(v) and v > 0):
+    raise ValueError(f"{prefix}router_width_multiplier must be a number > 0; got {v!r}.")
+  need_choice("router_input", ROUTER_INPUTS)
+  need_choice("stem", STEMS)
+  need_int("stem_multiplier", 1)
+  need_int("aux_pool_stride", 1)
+  need_int("num_classes", 1)
+  need_int("num_channels", 1)
+  need_int("image_size", 1)
+  factor = 4 * _stem_reduction(f["stem"])
+  if f["image_size"] % factor:
+    raise ValueError(f"{prefix}image_size must be divisible by {factor} (the {f['stem']} stem "
+                     f"reduces by {_stem_reduction(f['stem'])}, then two reduction cells halve "
+                     f"the resolution twice); got {f['image_size']!r}.")
+
+
+def from_config(model_config: ml_collections.ConfigDict | dict) -> DRNet:
+  """Validates `config.model` (see `default_config`) and builds the DRNet; nothing is compiled."""
+  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+  unknown = sorted(set(cfg) - set(CONFIG_FIELDS))
+  if unknown:
+    raise ValueError(f"Unknown config.model field(s) {unknown}; allowed: {CONFIG_FIELDS}.")
+  if cfg.get("name", "drnet") != "drnet":
+    raise ValueError(f"config.model.name must be 'drnet' here; got {cfg.get('name')!r}.")
+  variant = cfg.get("variant")
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant must be one of {tuple(VARIANTS)} "
+                     f"('S', 'M', 'L' from the paper, 'tiny' for tests); got {variant!r}.")
+  fields = {f.name: f.default for f in dataclasses.fields(DRNet) if f.name in FIELD_NAMES}
+  fields.update({k: v for k, v in cfg.items() if k in FIELD_NAMES})
+  validate_fields(fields)
+  return DRNet(**fields)
+
+
+def size_report(model: DRNet, input_shape: tuple[int, ...] | None = None) -> dict[str, dict[str, int]]:
+  """Per-example parameters and MACs, split into backbone / routers / aux head.
+
+  'backbone' = stem + preprocessing + every branch + classifier. 'total' = backbone + routers
+  (the model size the paper reports; the auxiliary head is excluded). MACs count every branch.
+  """
+  t = model.cost_tables(input_shape)
+
+  def split(d):
+    backbone = d["stem"] + d["preprocess"] + d["branches"] + d["classifier"]
+    return dict(backbone=backbone, routers=d["routers"], aux_head=d["aux_head"],
+                total=backbone + d["routers"])
+
+  return dict(params=split(t.params), macs=split(t.macs))
+
+
+__all__ = [
+    "BRANCHES", "SKIP_INDEX", "NUM_BRANCHES", "VARIANTS", "DRNet", "Cell", "Connection",
+    "RouterNet", "FixedRouter", "AuxHead", "Stem", "Classifier", "CostTables", "CellPlan",
+    "make_topology", "make_branch", "drop_branch", "default_config", "from_config",
+    "validate_fields", "size_report",
+]

@@ -1,0 +1,171 @@
+"""DARTS-style operations as small Flax linen modules (NHWC).
+
+Every operation is called as `op(x, train=...)` so that routed models can treat them alike:
+  * `train=True`: batch norm normalises with the batch statistics and updates the running
+    averages (the 'batch_stats' collection must be mutable);
+  * `train=False`: batch norm uses the running averages; the op is a pure function of one example
+    (needed by the dispatcher, which feeds an op only the examples that selected it).
+
+Conventions (the DARTS reference, PyTorch semantics):
+  * Batch norm: `use_running_average = not train`, momentum 0.9 (PyTorch's 0.1), epsilon 1e-5,
+    learned scale and bias (DARTS' evaluation networks use affine batch norm).
+  * Convolutions have no bias (a batch norm follows each) and symmetric explicit padding
+    (k // 2), so a stride-2 op maps an even H to H / 2 as in PyTorch.
+  * Pools are 3x3 with padding 1; average pooling does not count the padding.
+  * Drop-path multiplies a branch output by a per-example Bernoulli(keep) mask divided by keep,
+    training only, and is never applied to an identity.
+
+MACs of these ops are counted from their jaxprs by `dynroute_jax.costs`: pooling, batch norm and
+activations contribute none.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+  """The batch norm every op uses (see the module docstring)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      name=name)
+
+
+def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  p = kernel_size // 2
+  return ((p, p), (p, p))
+
+
+def conv(features: int, kernel_size: int, stride: int = 1, groups: int = 1,
+         name: str | None = None) -> nn.Conv:
+  """Bias-free 2-D convolution with PyTorch-style symmetric padding k // 2."""
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+                 padding=_pad(kernel_size), feature_group_count=groups, use_bias=False, name=name)
+
+
+class ReLUConvBN(nn.Module):
+  """ReLU, conv kxk (stride s), batch norm. DARTS' cell preprocessing uses k = 1."""
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    x = nn.relu(x)
+    x = conv(self.features, self.kernel_size, self.stride)(x)
+    return batch_norm(train)(x)
+
+
+class SepConv(nn.Module):
+  """DARTS separable convolution: the separable pair applied twice.
+
+  ReLU, depthwise kxk (stride s), pointwise 1x1 C_in -> C_in, BN; then ReLU, depthwise kxk
+  (stride 1), pointwise 1x1 C_in -> features, BN. Only the first depthwise conv is strided.
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    c_in = x.shape[-1]
+    x = nn.relu(x)
+    x = conv(c_in, self.kernel_size, self.stride, groups=c_in)(x)
+    x = conv(c_in, 1)(x)
+    x = batch_norm(train)(x)
+    x = nn.relu(x)
+    x = conv(c_in, self.kernel_size, 1, groups=c_in)(x)
+    x = conv(self.features, 1)(x)
+    return batch_norm(train)(x)
+
+
+class FactorizedReduce(nn.Module):
+  """DARTS factorized reduce: halves H and W with two offset 1x1 stride-2 convs.
+
+  ReLU; conv1x1/2 on x and conv1x1/2 on x shifted by one pixel (x[:, 1:, 1:]), each producing
+  half of `features` (the first gets features // 2, the second the rest); concat; BN.
+  Needs even H and W.
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    if x.shape[1] % 2 or x.shape[2] % 2:
+      raise ValueError(f"FactorizedReduce needs even spatial sizes; got input shape {x.shape}.")
+    x = nn.relu(x)
+    half = self.features // 2
+    a = nn.Conv(half, (1, 1), strides=(2, 2), padding="VALID", use_bias=False)(x)
+    b = nn.Conv(self.features - half, (1, 1), strides=(2, 2), padding="VALID",
+                use_bias=False)(x[:, 1:, 1:, :])
+    return batch_norm(train)(jnp.concatenate([a, b], axis=-1))
+
+
+class MaxPool3x3(nn.Module):
+  """3x3 max pooling, padding 1 (padded entries never win), stride 1 or 2. No parameters."""
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    del train
+    return nn.max_pool(x, (3, 3), strides=(self.stride, self.stride), padding=((1, 1), (1, 1)))
+
+
+class AvgPool3x3(nn.Module):
+  """3x3 average pooling, padding 1 not counted in the average, stride 1 or 2. No parameters."""
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    del train
+    return nn.avg_pool(x, (3, 3), strides=(self.stride, self.stride), padding=((1, 1), (1, 1)),
+                       count_include_pad=False)
+
+
+class Identity(nn.Module):
+  """x -> x (the skip branch of a stride-1 connection)."""
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    del train
+    return x
+
+
+def drop_path(x: Array, rate: float | Array, key: Array) -> Array:
+  """Zeroes whole examples with probability `rate` and scales the rest by 1 / (1 - rate).
+
+  `rate` may be a traced scalar (a schedule inside a jitted step).
+  """
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+class DropPath(nn.Module):
+  """Drop-path (per-example) with the rate given per call; training only.
+
+  With `deterministic=True`, or a Python-number rate of 0, the input is returned unchanged and no
+  random key is drawn. Otherwise the key comes from the 'dropout' rng stream.
+  """
+
+  @nn.compact
+  def __call__(self, x: Array, rate: float | Array = 0.0, *, deterministic: bool) -> Array:
+    if deterministic:
+      return x
+    if isinstance(rate, (int, float)):
+      if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must lie in [0, 1); got {rate!r}.")
+      if rate == 0.0:
+        return x
+    return drop_path(x, rate, self.make_rng("dropout"))
+
+
+__all__ = [
+    "BN_MOMENTUM", "BN_EPSILON", "batch_norm", "conv", "ReLUConvBN", "SepConv",
+    "FactorizedReduce", "MaxPool3x3", "AvgPool3x3", "Identity", "drop_path", "DropPath",
+]
