@@ -1,0 +1,371 @@
+"""Tests of dynroute_jax.dispatch: every strategy equals 'dense', and skipped work is not computed."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from dynroute_jax import dispatch
+
+SKIPPING = ("batch_cond", "per_example", "compact", "chunk")
+ALL = ("dense",) + SKIPPING
+DN = ("NHWC", "HWIO", "NHWC")
+C = 3
+
+
+def _w(seed, cin=C, cout=C):
+  return 0.3 * jax.random.normal(jax.random.key(seed), (3, 3, cin, cout))
+
+
+def conv(x, w, stride=1):
+  return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=DN)
+
+
+W1, W2, W3, WS = _w(1), _w(2), _w(3), _w(4, C, 2 * C)
+
+
+def res_block(x):
+  return jax.nn.relu(x + conv(jax.nn.relu(conv(x, W1)), W2))
+
+
+def down_block(x):
+  """Stride 2, C -> 2C channels."""
+  return jax.nn.relu(conv(x, WS, 2))
+
+
+def down_shortcut(x):
+  x = x[:, ::2, ::2, :]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, C)))
+
+
+MIX_FNS = (res_block, lambda x: conv(x, W3), lambda x: jnp.tanh(x) * 2.0)
+
+
+def _masks(b, rng):
+  """All run, none run, a single example, a random half (as distinct cases)."""
+  single = np.zeros(b, bool)
+  single[rng.integers(b)] = True
+  return [np.ones(b, bool), np.zeros(b, bool), single, rng.random(b) < 0.5]
+
+
+def _x(b, seed=0, hw=6):
+  return jax.random.normal(jax.random.key(seed), (b, hw, hw, C))
+
+
+BATCHES = (1, 3, 8, 33)
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_select_apply_identity_matches_reference(strategy):
+  rng = np.random.default_rng(0)
+  f = jax.jit(lambda x, r: dispatch.select_apply(res_block, x, r, None, strategy=strategy))
+  for b in BATCHES:
+    x = _x(b, b)
+    full = res_block(x)
+    for run in _masks(b, rng):
+      want = np.where(run[:, None, None, None], full, x)
+      np.testing.assert_allclose(f(x, run), want, rtol=1e-5, atol=1e-5, err_msg=f"B={b} {run}")
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_select_apply_stride2_with_fallback(strategy):
+  rng = np.random.default_rng(1)
+
+  def routed(x, r):
+    return dispatch.select_apply(down_block, x, r, down_shortcut(x), strategy=strategy)
+
+  f = jax.jit(routed)
+  for b in BATCHES:
+    x = _x(b, b + 10)
+    full, fb = down_block(x), down_shortcut(x)
+    for run in _masks(b, rng):
+      y = f(x, run)
+      assert y.shape == (b, 3, 3, 2 * C)
+      want = np.where(run[:, None, None, None], full, fb)
+      np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"B={b} {run}")
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_mix_branches_matches_reference(strategy):
+  rng = np.random.default_rng(2)
+  f = jax.jit(lambda x, w: dispatch.mix_branches(MIX_FNS, x, w, strategy=strategy))
+  for b in BATCHES:
+    x = _x(b, b + 20)
+    outs = [np.asarray(fn(x)) for fn in MIX_FNS]
+    raw = rng.random((b, 3))
+    cases = [raw, np.zeros((b, 3)), raw * (rng.random((b, 3)) < 0.5),
+             raw * (np.arange(3)[None, :] == rng.integers(3, size=(b, 1)))]
+    for w in cases:
+      w = w.astype(np.float32)
+      want = sum(w[:, k, None, None, None] * outs[k] for k in range(3))
+      np.testing.assert_allclose(f(x, w), want, rtol=1e-5, atol=1e-5, err_msg=f"B={b} {w}")
+
+
+@pytest.mark.parametrize("opts", [
+    dict(strategy="compact", buckets=3),
+    dict(strategy="compact", buckets=(4, 16)),
+    dict(strategy="compact", spacing="geometric"),
+    dict(strategy="chunk", chunk=3),
+    dict(strategy="chunk", chunk=8, tail_levels=0),
+    dict(strategy="chunk", chunk=8, tail_levels=3),
+    dict(strategy="chunk", chunk=64),
+])
+def test_options_match_reference(opts):
+  rng = np.random.default_rng(3)
+  f = jax.jit(lambda x, r: dispatch.select_apply(res_block, x, r, None, **opts))
+  g = jax.jit(lambda x, w: dispatch.mix_branches(MIX_FNS, x, w, **opts))
+  b = 33
+  x = _x(b, 5)
+  full = res_block(x)
+  outs = [np.asarray(fn(x)) for fn in MIX_FNS]
+  for p in (0.0, 0.1, 0.3, 0.6, 0.9, 1.0):
+    run = rng.random(b) < p
+    np.testing.assert_allclose(f(x, run), np.where(run[:, None, None, None], full, x),
+                               rtol=1e-5, atol=1e-5)
+    w = (rng.random((b, 3)) * (rng.random((b, 3)) < p)).astype(np.float32)
+    want = sum(w[:, k, None, None, None] * outs[k] for k in range(3))
+    np.testing.assert_allclose(g(x, w), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ("per_example", "compact", "chunk"))
+def test_pytree_input_and_output(strategy):
+  b = 8
+  x = {"a": _x(b, 7), "s": jnp.arange(b, dtype=jnp.float32)}
+
+  def fn(t):
+    return {"a": res_block(t["a"]), "s": t["s"] * 2.0}
+
+  run = np.arange(b) % 3 == 0
+  y = jax.jit(lambda x, r: dispatch.select_apply(fn, x, r, None, strategy=strategy))(x, run)
+  np.testing.assert_allclose(y["s"], np.where(run, 2.0, 1.0) * np.arange(b))
+  np.testing.assert_allclose(y["a"], np.where(run[:, None, None, None], res_block(x["a"]), x["a"]),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_validation():
+  x, run = _x(4), jnp.ones(4, bool)
+  with pytest.raises(ValueError, match="allowed: auto, dense, batch_cond, per_example, compact, chunk"):
+    dispatch.select_apply(res_block, x, run, strategy="vmap")
+  with pytest.raises(ValueError, match="allowed"):
+    dispatch.mix_branches(MIX_FNS, x, jnp.ones((4, 3)), strategy="sparse")
+  with pytest.raises(ValueError, match="shape"):
+    dispatch.select_apply(res_block, x, jnp.ones(5, bool), strategy="chunk")
+  with pytest.raises(ValueError, match="shape"):
+    dispatch.mix_branches(MIX_FNS, x, jnp.ones((4, 2)), strategy="chunk")
+  with pytest.raises(ValueError, match="output shape"):
+    dispatch.mix_branches((res_block, down_block), x, jnp.ones((4, 2)), strategy="chunk")
+  with pytest.raises(TypeError, match="unknown dispatch option"):
+    dispatch.select_apply(res_block, x, run, strategy="chunk", chunks=4)
+  # Another strategy's options are accepted and ignored (one config can carry both).
+  dispatch.select_apply(res_block, x, run, strategy="compact", chunk=4)
+
+
+def test_auto_and_defaults():
+  assert dispatch.default_strategy("cpu", 256) == "chunk"
+  assert dispatch.default_strategy("cpu", 1) == "batch_cond"
+  assert dispatch.default_strategy("gpu", 8) == "dense"
+  assert dispatch.default_strategy("gpu", 256) == "compact"
+  assert dispatch.default_strategy("tpu", 256) == "compact"
+  for b in (1, 256):
+    assert dispatch.resolve_strategy("auto", b) == dispatch.default_strategy(jax.default_backend(), b)
+  assert set(dispatch.STRATEGIES) == {"auto", "dense", "batch_cond", "per_example", "compact",
+                                      "chunk"}
+  assert dispatch.capacity_buckets(256) == (32, 64, 96, 128, 160, 192, 224, 256)
+  assert dispatch.capacity_buckets(3, 8) == (1, 2, 3)
+  x = _x(3)
+  run = np.array([True, False, True])
+  np.testing.assert_allclose(
+      jax.jit(lambda x, r: dispatch.select_apply(res_block, x, r, strategy="auto"))(x, run),
+      np.where(run[:, None, None, None], res_block(x), x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Skipped work is not computed: compiled HLO and instrumented runs.
+# ------------------------------------------------------------------------------------------------
+
+
+def _computations(hlo: str) -> dict[str, str]:
+  """Splits HLO module text into {computation name: body}; the entry is named 'ENTRY'."""
+  comps, name, lines = {}, None, []
+  for line in hlo.splitlines():
+    m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if m and not line.startswith(" "):
+      name, lines = ("ENTRY" if m.group(1) else m.group(2)), []
+    elif line.startswith("}") and name is not None:
+      comps[name] = "\n".join(lines)
+      name = None
+    elif name is not None:
+      lines.append(line)
+  return comps
+
+
+def _conv_batches(text: str) -> list[int]:
+  """Batch sizes of the f32 convolutions (outputs f32[n,h,w,c]) in HLO text."""
+  return [int(n) for n in re.findall(r"= f32\[(\d+),\d+,\d+,\d+\]\{[^}]*\} convolution\(", text)]
+
+
+def _compiled(strategy, b, **opts):
+  x = jax.ShapeDtypeStruct((b, 8, 8, C), jnp.float32)
+  run = jax.ShapeDtypeStruct((b,), jnp.bool_)
+  f = jax.jit(lambda x, r: dispatch.select_apply(res_block, x, r, None, strategy=strategy, **opts))
+  return f.lower(x, run).compile().as_text()
+
+
+def test_hlo_dense_has_full_batch_convs():
+  # Checks the HLO parsing on the reference: two full-batch convolutions, no control flow.
+  hlo = _compiled("dense", 64)
+  assert sorted(_conv_batches(hlo)) == [64, 64]
+  assert "conditional(" not in hlo and "while(" not in hlo
+
+
+def test_hlo_chunk_runs_only_chunk_sized_convs():
+  hlo = _compiled("chunk", 64, chunk=8, tail_levels=2)
+  assert "while(" in hlo and "conditional(" in hlo
+  batches = _conv_batches(hlo)
+  assert batches and set(batches) <= {8, 4, 2}, batches
+  assert 64 not in batches
+  assert not _conv_batches(_computations(hlo)["ENTRY"])
+
+
+def test_hlo_compact_convs_only_inside_conditional_branches():
+  hlo = _compiled("compact", 64, buckets=4)
+  assert "conditional(" in hlo
+  comps = _computations(hlo)
+  assert not _conv_batches(comps["ENTRY"]), "a convolution runs unconditionally"
+  # One copy of the block per capacity bucket; the full batch only in the last bucket's branch.
+  assert set(_conv_batches(hlo)) == {16, 32, 48, 64}
+
+
+def test_hlo_per_example_and_batch_cond():
+  hlo = _compiled("per_example", 16)
+  assert "while(" in hlo and "conditional(" in hlo
+  assert set(_conv_batches(hlo)) == {1}
+  hlo = _compiled("batch_cond", 16)
+  assert "conditional(" in hlo
+  assert not _conv_batches(_computations(hlo)["ENTRY"])
+
+
+class _Recorder:
+  """Host-side log of the rows each instrumented function really processed."""
+
+  def __init__(self):
+    self.calls = []  # (tag, number of rows, ids of real rows)
+
+  def wrap(self, fn, tag):
+    """fn instrumented: channel 0 of pixel (0, 0) carries 1 + example id for a real row, and 0 for
+    padding (unselected rows and zero rows past the batch are given id 0 by the test's input)."""
+
+    def report(ids):
+      ids = np.asarray(ids)
+      self.calls.append((tag, len(ids), sorted(int(round(i)) - 1 for i in ids if i > 0.5)))
+
+    def wrapped(x):
+      jax.debug.callback(report, x[:, 0, 0, 0])
+      return fn(x)
+
+    return wrapped
+
+  def rows(self, tag=None):
+    return sorted(i for t, _, ids in self.calls if tag in (None, t) for i in ids)
+
+  def computed(self, tag=None):
+    return sum(n for t, n, _ in self.calls if tag in (None, t))
+
+  def ncalls(self, tag=None):
+    return sum(1 for t, _, _ in self.calls if tag in (None, t))
+
+
+def _marked(x, mask):
+  """Writes 1 + id into the marker of selected rows and 0 into the others."""
+  ids = jnp.where(jnp.asarray(mask), jnp.arange(x.shape[0]) + 1.0, 0.0)
+  return x.at[:, 0, 0, 0].set(ids)
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_select_apply_processes_exactly_the_selected_rows(strategy):
+  rng = np.random.default_rng(4)
+  rec = _Recorder()
+  fn = rec.wrap(res_block, "f")
+  f = jax.jit(lambda x, r: dispatch.select_apply(fn, x, r, None, strategy=strategy, chunk=8))
+  for b in (1, 8, 33):
+    for run in _masks(b, rng) + [rng.random(b) < 0.25]:
+      rec.calls.clear()
+      jax.block_until_ready(f(_marked(_x(b, 3), run), run))
+      jax.effects_barrier()
+      selected = list(np.flatnonzero(run))
+      count = len(selected)
+      if strategy == "dense":
+        assert rec.computed() == b
+        continue
+      if strategy == "batch_cond":
+        assert rec.computed() == (b if count else 0)
+        continue
+      # Every selected row was processed exactly once.
+      assert rec.rows() == selected, (b, run)
+      if strategy == "per_example":
+        assert rec.ncalls() == count and rec.computed() == count
+      elif strategy == "compact":
+        caps = dispatch.capacity_buckets(b, 8)
+        assert rec.computed() == (min(c for c in caps if c >= count) if count else 0)
+      elif strategy == "chunk":
+        # chunk 8 with two tail levels: rows processed in grains of 2 (b = 1: a single cond).
+        assert rec.computed() == (-(-count // 2) * 2 if b > 1 else count), (b, count)
+
+
+@pytest.mark.parametrize("strategy", SKIPPING)
+def test_mix_branches_processes_exactly_the_kept_rows(strategy):
+  rng = np.random.default_rng(5)
+  rec = _Recorder()
+  fns = [rec.wrap(f, k) for k, f in enumerate(MIX_FNS)]
+  f = jax.jit(lambda x, w: dispatch.mix_branches(fns, x, w, strategy=strategy, chunk=4))
+  b = 33
+  x = _x(b, 9)
+  for p in (0.0, 0.2, 0.6, 1.0):
+    w = (rng.random((b, 3)) * (rng.random((b, 3)) < p)).astype(np.float32)
+    for k in range(3):
+      rec.calls.clear()
+      # Mark only the rows that kept branch k; read branch k's log.
+      jax.block_until_ready(f(_marked(x, w[:, k] > 0), w))
+      jax.effects_barrier()
+      kept = list(np.flatnonzero(w[:, k] > 0))
+      if strategy == "batch_cond":
+        assert rec.computed(k) == (b if kept else 0)
+        continue
+      assert rec.rows(k) == kept
+      if strategy == "per_example":
+        assert rec.ncalls(k) == len(kept)
+      elif strategy == "chunk":
+        assert rec.computed(k) == -(-len(kept) // 1) * 1  # chunk 4, tail 2, 1, grain 1: exact
+      else:
+        assert rec.computed(k) >= len(kept)
+
+
+def test_vmap_of_cond_computes_both_branches():
+  """The trap the dispatcher avoids: under vmap a cond becomes a select and both branches run."""
+  calls = []
+
+  def expensive(x):
+    jax.debug.callback(lambda v: calls.append(np.asarray(v).shape), x)
+    return x * 2.0
+
+  def per_example(x, r):
+    return lax.cond(r, expensive, lambda v: v, x)
+
+  x = jnp.ones((4, 2))
+  run = jnp.array([False, False, False, False])
+  jaxpr = str(jax.make_jaxpr(jax.vmap(per_example))(x, run))
+  assert "select_n" in jaxpr and "cond[" not in jaxpr
+  jax.block_until_ready(jax.jit(jax.vmap(per_example))(x, run))
+  jax.effects_barrier()
+  assert calls, "vmap(cond) ran the untaken branch"
+  calls.clear()
+  # The dispatcher's per-example strategy (lax.map + cond) runs nothing here.
+  jax.block_until_ready(jax.jit(lambda x, r: dispatch.select_apply(
+      lambda v: expensive(v), x, r, None, strategy="per_example"))(x, run))
+  jax.effects_barrier()
+  assert not calls
