@@ -1,0 +1,85 @@
+"""Tests of the DARTS-style ops: shapes, parameter and MAC counts, pooling and drop-path semantics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynroute_jax import costs
+from dynroute_jax.models import ops
+
+
+def _init_apply(module, x, train=False):
+  variables = module.init(jax.random.key(0), x, train=train)
+  return variables, module.apply(variables, x, train=train, mutable=["batch_stats"])[0]
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_sep_conv_shape_params_macs(k, stride):
+  c, h = 6, 8
+  module = ops.SepConv(c, k, stride)
+  x = jnp.ones((2, h, h, c))
+  variables, y = _init_apply(module, x, train=True)
+  ho = h // stride
+  assert y.shape == (2, ho, ho, c)
+  # Two (depthwise kxk + pointwise 1x1) pairs and two affine batch norms.
+  assert costs.count_params(variables["params"]) == 2 * (k * k * c + c * c) + 2 * 2 * c
+  # The first depthwise runs at the output resolution (strided); everything else too.
+  expected = ho * ho * 2 * (k * k * c + c * c)
+  assert costs.module_macs(module, (1, h, h, c), train=False) == expected
+
+
+def test_factorized_reduce():
+  module = ops.FactorizedReduce(6)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 5))
+  variables, y = _init_apply(module, x)
+  assert y.shape == (2, 4, 4, 6)
+  assert costs.count_params(variables["params"]) == 5 * 3 * 2 + 2 * 6
+  assert costs.module_macs(module, (1, 8, 8, 5), train=False) == 4 * 4 * 5 * 6
+  with pytest.raises(ValueError, match="even"):
+    module.init(jax.random.key(0), jnp.ones((1, 7, 7, 5)))
+
+
+def test_relu_conv_bn():
+  module = ops.ReLUConvBN(7)
+  variables, y = _init_apply(module, jnp.ones((2, 4, 4, 3)))
+  assert y.shape == (2, 4, 4, 7)
+  assert costs.count_params(variables["params"]) == 3 * 7 + 2 * 7
+
+
+def test_avg_pool_excludes_padding_and_max_pool_ignores_it():
+  x = jnp.ones((1, 4, 4, 2))
+  y = ops.AvgPool3x3(1).apply({}, x)
+  np.testing.assert_allclose(y, 1.0)  # counting the padding would give 4/9 in the corners.
+  xm = -jnp.ones((1, 4, 4, 2))
+  np.testing.assert_allclose(ops.MaxPool3x3(1).apply({}, xm), -1.0)  # padding never wins.
+  assert ops.MaxPool3x3(2).apply({}, x).shape == (1, 2, 2, 2)
+  assert ops.AvgPool3x3(2).apply({}, x).shape == (1, 2, 2, 2)
+  assert costs.module_macs(ops.AvgPool3x3(1), (1, 4, 4, 2)) == 0
+  np.testing.assert_array_equal(ops.Identity().apply({}, x), x)
+
+
+def test_batch_norm_settings():
+  bn = ops.batch_norm(train=True)
+  assert bn.momentum == 0.9 and bn.epsilon == 1e-5 and not bn.use_running_average
+  assert ops.batch_norm(train=False).use_running_average
+
+
+def test_drop_path():
+  x = jnp.ones((4000, 1, 1, 2))
+  module = ops.DropPath()
+  np.testing.assert_array_equal(module.apply({}, x, 0.3, deterministic=True), x)
+  np.testing.assert_array_equal(module.apply({}, x, 0.0, deterministic=False), x)
+  y = module.apply({}, x, 0.25, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  values = np.unique(np.asarray(y))
+  np.testing.assert_allclose(values, [0.0, 1.0 / 0.75], rtol=1e-6)
+  # Per example: both channels of an example share the mask.
+  np.testing.assert_array_equal(y[..., 0], y[..., 1])
+  assert abs(float(jnp.mean(y)) - 1.0) < 0.05
+  # A traced rate works inside jit.
+  f = jax.jit(lambda r: module.apply({}, x, r, deterministic=False,
+                                     rngs={"dropout": jax.random.key(3)}))
+  np.testing.assert_allclose(f(jnp.float32(0.25)), y)
+  with pytest.raises(ValueError, match="drop_path_rate"):
+    module.apply({}, x, 1.0, deterministic=False, rngs={"dropout": jax.random.key(3)})
