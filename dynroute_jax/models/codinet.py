@@ -1,0 +1,684 @@
+"""CoDiNet (Consistency and Diversity regularised dynamic routing, TPAMI): routed ResNets.
+
+Every residual block k of a ResNet gets a router U_k (paper Sec. 3.1.2, Fig. 3b):
+
+    z_k = GAP(a_{k-1});  U_k = W_2 sigma(W_1 z_k)  (two logits, index 1 = "run", Eq. 4-5)
+
+and the block output is
+
+    training (Eq. 7):           a_k = v_k F_k(a_{k-1}) + (1 - v_k) skip(a_{k-1}),
+                                v_k = softmax((U_k + g) / T)[1], g ~ Gumbel, T = 1 (Eq. 6)
+    fine-tuning (hard=True):    a_k = u_k F_k(a_{k-1}) + (1 - u_k) skip(a_{k-1}),
+                                u_k = 1[v_k >= 0.5], v_k noise-free, straight-through gradient
+    inference (Eq. 13):         a_k = F_k(a_{k-1}) if v_k >= threshold else skip(a_{k-1}),
+                                v_k noise-free (deterministic; no rng needed)
+
+Readings chosen where the paper is silent or the official code differs (each is a config field
+when users may disagree):
+
+* Router logits: the router output U_k is used as Gumbel-softmax logits (the paper's log(U_k) is
+  undefined for a linear layer's output; see `routing.relaxed_decision`).
+* `router_hidden` d: 0 (default) means d = C_k, the block's input channels, as in the official
+  code. It reproduces Table 6's "#Param" column (ResNet-32/74/110: 0.49 / 1.21 / 1.83 M with
+  routers). `router_activation`: 'relu' (Eq. 4's sigma, default) or 'none' (the official code has
+  no activation between the two layers).
+* skip(a): identity for blocks that keep the shape. For a shape-changing block,
+  `skip_downsample='shortcut'` (default) uses the block's own shortcut followed by the block's
+  final ReLU, i.e. the block with its residual branch removed: the parameter-free option-A
+  shortcut (subsample + zero-pad channels) in CIFAR ResNets, the standard projection (1x1 conv +
+  BN) in ResNet-50. `'conv1x1'` is the official code's separate learned skip (1x1 conv, BN, ReLU).
+  Blocks end in a ReLU, so their inputs are non-negative and the ReLU leaves identity and
+  option-A skips unchanged.
+* Fine-tuning (stage 2, `hard=True` with `train=True`): the routers are frozen by the trainer;
+  decisions are the noise-free inference decisions u_k = 1[v_k >= threshold or 0.5], so the blocks
+  are fine-tuned on exactly the paths inference takes (the official code instead takes the argmax
+  of a noisy Gumbel sample). The straight-through estimator still passes gradients to routers.
+* Training uses every block (dense) with batch statistics; inference with a threshold is computed
+  densely and masked for now (`strategy='dense'`); a block's residual branch is the submodule
+  `body` (params under `<site>/body`), a pure function of its input, so a dispatcher can run it on
+  the examples that need it only.
+
+Cost convention (see `dynroute_jax.costs`): MACs of conv and dense layers; FLOPs = 2 x MACs.
+`macs_table[k]` = MACs of block k's residual branch (`body`) for one example; `macs_fixed` = stem,
+routers, shortcut/skip paths and classifier. Backbone sizes (routers excluded, `skip_downsample=
+'shortcut'`): ResNet-32 / 74 / 110 = 464,154 / 1,144,666 / 1,727,962 params and 68.86M / 167.95M /
+252.89M MACs at 32x32; ResNet-50 = 25,557,032 params and 4.09G MACs at 224x224. Learned skips
+(`'conv1x1'`) are counted in `macs_fixed` as always executed (an upper bound: a real dispatcher
+runs them only for the examples that skip).
+
+Site order: the routing axis D lists the blocks in network order (stage by stage, block by block),
+also under `scan_blocks=True`, where blocks 1..n-1 of a stage are one `nn.scan` over stacked
+parameters (site names `stage{s}_block0` and `stage{s}_blocks`; unscanned: `stage{s}_block{i}`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dynroute_jax import costs
+from dynroute_jax import routing
+from dynroute_jax.models.base import ModelOutput
+
+Array = jax.Array
+
+# ------------------------------------------------------------------------------------------------
+# Variants.
+# ------------------------------------------------------------------------------------------------
+
+# CIFAR ResNets (He et al. 2016, Sec. 4.2): depth = 6n + 2, three stages of n basic blocks.
+_CIFAR_DEPTHS = {"resnet8": 1, "resnet14": 2, "resnet20": 3, "resnet32": 5, "resnet44": 7,
+                 "resnet56": 9, "resnet74": 12, "resnet110": 18}
+# ImageNet bottleneck ResNets: blocks per stage. 'resnet26' (2 per stage) is a small test variant.
+_IMAGENET_BLOCKS = {"resnet26": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
+VARIANTS = tuple(_CIFAR_DEPTHS) + tuple(_IMAGENET_BLOCKS)
+
+ROUTER_ACTIVATIONS = ("relu", "none")
+SKIP_DOWNSAMPLE = ("shortcut", "conv1x1")
+STRATEGIES_IMPLEMENTED = ("dense", "auto")
+_KNOWN_STRATEGIES = ("auto", "dense", "batch_cond", "per_example", "compact", "chunk")
+_MODEL_FIELDS = ("name", "variant", "num_classes", "image_size", "num_channels", "width",
+                 "router_hidden", "router_activation", "skip_downsample", "scan_blocks")
+
+
+def is_cifar_variant(variant: str) -> bool:
+  return variant in _CIFAR_DEPTHS
+
+
+def default_width(variant: str) -> int:
+  """Base channels of the first stage: 16 (CIFAR ResNets) or 64 (ImageNet ResNets)."""
+  return 16 if is_cifar_variant(variant) else 64
+
+
+def stage_blocks(variant: str) -> tuple[int, ...]:
+  """Blocks per stage of `variant`."""
+  if variant in _CIFAR_DEPTHS:
+    return (_CIFAR_DEPTHS[variant],) * 3
+  if variant in _IMAGENET_BLOCKS:
+    return _IMAGENET_BLOCKS[variant]
+  raise ValueError(f"config.model.variant must be one of {VARIANTS}; got {variant!r}.")
+
+
+def input_reduction(variant: str) -> int:
+  """Total spatial reduction of the network: image sizes must be multiples of it."""
+  return 4 if is_cifar_variant(variant) else 32
+
+
+# ------------------------------------------------------------------------------------------------
+# Config.
+# ------------------------------------------------------------------------------------------------
+
+
+def default_config(variant: str, num_classes: int = 10, image_size: int = 32,
+                   num_channels: int = 3) -> ml_collections.ConfigDict:
+  """The `config.model` section for a CoDiNet `variant` (see `VARIANTS`)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant must be one of {VARIANTS}; got {variant!r}.")
+  c = ml_collections.ConfigDict(dict(
+      name="codinet",
+      variant=variant,
+      num_classes=num_classes,
+      image_size=image_size,
+      num_channels=num_channels,
+      # Channels of the first stage (16 CIFAR, 64 ImageNet); smaller values give cheap test models.
+      width=default_width(variant),
+      # Router hidden width d; 0 = the block's input channels C_k (official code; Table 6 sizes).
+      router_hidden=0,
+      # sigma of Eq. 4: 'relu' (paper) or 'none' (official code: no activation).
+      router_activation="relu",
+      # Skip path of shape-changing blocks: 'shortcut' (block's own shortcut: option A / projection)
+      # or 'conv1x1' (official code: separate learned 1x1 conv + BN + ReLU).
+      skip_downsample="shortcut",
+      # Identical blocks 1..n-1 of each stage under nn.scan (bounded compile time).
+      scan_blocks=True,
+  ))
+  validate_config(c)
+  return c
+
+
+def parse_config_arg(arg: str | None, default_variant: str,
+                     allowed: Sequence[str] = VARIANTS) -> tuple[str, dict[str, float]]:
+  """Parses a config-file argument 'resnet110' or 'resnet110,gamma=0.04' into (variant, overrides).
+
+  Keys: `gamma` (stage-1 cost-loss weight). An empty argument gives `default_variant`.
+  """
+  variant, overrides = default_variant, {}
+  for part in (p.strip() for p in (arg or "").split(",")):
+    if not part:
+      continue
+    if "=" in part:
+      key, value = part.split("=", 1)
+      if key.strip() != "gamma":
+        raise ValueError(f"config argument: unknown key {key!r} (allowed: gamma).")
+      overrides["gamma"] = float(value)
+    else:
+      variant = part
+  if variant not in allowed:
+    raise ValueError(f"config.model.variant must be one of {tuple(allowed)}; got {variant!r}.")
+  return variant, overrides
+
+
+def _check_int(value: Any, field: str, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"config.model.{field} must be an int >= {minimum}; got {value!r}.")
+
+
+def validate_config(model_config: Any) -> None:
+  """Raises a ValueError naming the bad `config.model` field (before anything is compiled)."""
+  cfg = dict(model_config)
+  unknown = sorted(set(cfg) - set(_MODEL_FIELDS))
+  if unknown:
+    raise ValueError(f"config.model has unknown field(s) {unknown}; CoDiNet fields are "
+                     f"{_MODEL_FIELDS}.")
+  missing = [f for f in _MODEL_FIELDS if f not in cfg]
+  if missing:
+    raise ValueError(f"config.model is missing field(s) {missing} (use codinet.default_config).")
+  if cfg["name"] != "codinet":
+    raise ValueError(f"config.model.name must be 'codinet'; got {cfg['name']!r}.")
+  variant = cfg["variant"]
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant must be one of {VARIANTS}; got {variant!r}.")
+  _check_int(cfg["num_classes"], "num_classes", 1)
+  _check_int(cfg["num_channels"], "num_channels", 1)
+  _check_int(cfg["width"], "width", 1)
+  _check_int(cfg["router_hidden"], "router_hidden", 0)
+  _check_int(cfg["image_size"], "image_size", 1)
+  red = input_reduction(variant)
+  if cfg["image_size"] % red:
+    raise ValueError(f"config.model.image_size must be a multiple of {red} for {variant} (its "
+                     f"total stride); got {cfg['image_size']}.")
+  if cfg["router_activation"] not in ROUTER_ACTIVATIONS:
+    raise ValueError(f"config.model.router_activation must be one of {ROUTER_ACTIVATIONS}; "
+                     f"got {cfg['router_activation']!r}.")
+  if cfg["skip_downsample"] not in SKIP_DOWNSAMPLE:
+    raise ValueError(f"config.model.skip_downsample must be one of {SKIP_DOWNSAMPLE}; "
+                     f"got {cfg['skip_downsample']!r}.")
+  if not isinstance(cfg["scan_blocks"], bool):
+    raise ValueError(f"config.model.scan_blocks must be a bool; got {cfg['scan_blocks']!r}.")
+
+
+def from_config(model_config: Any) -> "CoDiNet":
+  """Validates `config.model` and builds the module."""
+  validate_config(model_config)
+  return CoDiNet(
+      variant=model_config["variant"],
+      num_classes=model_config["num_classes"],
+      width=model_config["width"],
+      router_hidden=model_config["router_hidden"],
+      router_activation=model_config["router_activation"],
+      skip_downsample=model_config["skip_downsample"],
+      scan_blocks=model_config["scan_blocks"],
+  )
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers.
+# ------------------------------------------------------------------------------------------------
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # Kaiming normal.
+
+
+def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+  # Explicit symmetric padding (k // 2), as in the reference PyTorch ResNets.
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_conv_init,
+                 name=name)
+
+
+def _bn(train: bool, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class BasicBody(nn.Module):
+  """Residual branch of a basic block: conv3x3(stride)-BN-ReLU-conv3x3-BN (no shortcut, no ReLU)."""
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    y = _conv(self.features, 3, self.stride, "conv1")(x)
+    y = nn.relu(_bn(train, "bn1")(y))
+    y = _conv(self.features, 3, 1, "conv2")(y)
+    return _bn(train, "bn2")(y)
+
+
+class BottleneckBody(nn.Module):
+  """Residual branch of a bottleneck block (ResNet v1.5: the stride is on the 3x3 conv)."""
+  features: int  # inner width; output = 4 x features.
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    y = nn.relu(_bn(train, "bn1")(_conv(self.features, 1, 1, "conv1")(x)))
+    y = nn.relu(_bn(train, "bn2")(_conv(self.features, 3, self.stride, "conv2")(y)))
+    return _bn(train, "bn3")(_conv(4 * self.features, 1, 1, "conv3")(y))
+
+
+class Projection(nn.Module):
+  """1x1 conv (stride) + BN: the projection shortcut of ImageNet ResNets; with `relu`, the official
+  CoDiNet code's learned skip path."""
+  features: int
+  stride: int = 1
+  relu: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    y = _bn(train, "bn")(_conv(self.features, 1, self.stride, "conv")(x))
+    return nn.relu(y) if self.relu else y
+
+
+def option_a_shortcut(x: Array, features: int, stride: int) -> Array:
+  """Parameter-free CIFAR ResNet shortcut: subsample by `stride`, zero-pad channels to `features`."""
+  if stride > 1:
+    x = x[:, ::stride, ::stride, :]
+  extra = features - x.shape[-1]
+  if extra > 0:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+  return x
+
+
+class Router(nn.Module):
+  """CoDiNet router (Eq. 3-4): GAP, Dense(d), sigma, Dense(2) logits (index 1 = run)."""
+  hidden: int
+  activation: str = "relu"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    z = jnp.mean(x, axis=(1, 2))
+    h = nn.Dense(self.hidden, kernel_init=_conv_init, name="fc1")(z)
+    if self.activation == "relu":
+      h = nn.relu(h)
+    return nn.Dense(2, name="fc2")(h).astype(jnp.float32)
+
+
+class Stem(nn.Module):
+  """conv3x3-BN-ReLU (CIFAR) or conv7x7/2-BN-ReLU-maxpool3x3/2 (ImageNet)."""
+  features: int
+  imagenet: bool
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    if self.imagenet:
+      y = nn.relu(_bn(train, "bn")(_conv(self.features, 7, 2, "conv")(x)))
+      return nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return nn.relu(_bn(train, "bn")(_conv(self.features, 3, 1, "conv")(x)))
+
+
+class Head(nn.Module):
+  """Global average pool and the linear classifier."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Block specs and costs (static, derived from the module definitions).
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """Static description of one routed block.
+
+  Attributes:
+    site: parameter-tree name of the block (a scanned group shares one name).
+    index: position of the block in the routing axis D.
+    bottleneck: bottleneck (ImageNet) or basic (CIFAR) block.
+    in_features / features / out_features: input channels, inner width, output channels.
+    stride: spatial stride of the block.
+    in_hw: input spatial size (H, W).
+    router_hidden: the router's hidden width d (resolved: never 0).
+    shortcut: 'identity', 'option_a' or 'projection' (the block's own shortcut).
+    skip: 'identity', 'shortcut' or 'conv1x1' (what replaces the block when it is skipped).
+  """
+  site: str
+  index: int
+  bottleneck: bool
+  in_features: int
+  features: int
+  out_features: int
+  stride: int
+  in_hw: tuple[int, int]
+  router_hidden: int
+  shortcut: str
+  skip: str
+
+  def body(self) -> nn.Module:
+    """An unbound instance of the block's residual branch (the routed computation)."""
+    cls = BottleneckBody if self.bottleneck else BasicBody
+    return cls(self.features, self.stride, parent=None)
+
+  @property
+  def in_shape(self) -> tuple[int, int, int]:
+    return (*self.in_hw, self.in_features)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_costs(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, int]:
+  """(MACs, params) per example of an unbound module on one input of `in_shape` (no batch)."""
+  shape = (1, *in_shape)
+  kwargs = {"train": False} if isinstance(module, (BasicBody, BottleneckBody, Projection, Stem)) else {}
+  return (costs.module_macs(module, shape, **kwargs), costs.module_params(module, shape, **kwargs))
+
+
+def _block_specs(variant: str, width: int, router_hidden: int, skip_downsample: str,
+                 scan_blocks: bool, in_hw: tuple[int, int]) -> tuple[BlockSpec, ...]:
+  imagenet = not is_cifar_variant(variant)
+  h, w = in_hw
+  if imagenet:
+    h, w = (h + 1) // 2, (w + 1) // 2  # conv 7x7/2 (pad 3)
+    h, w = (h + 1) // 2, (w + 1) // 2  # max pool 3x3/2 (pad 1)
+  specs = []
+  in_f = width
+  for s, n in enumerate(stage_blocks(variant)):
+    feat = width * 2 ** s
+    out_f = 4 * feat if imagenet else feat
+    for i in range(n):
+      stride = 2 if (s > 0 and i == 0) else 1
+      changes = stride != 1 or in_f != out_f
+      shortcut = "identity" if not changes else ("projection" if imagenet else "option_a")
+      skip = "identity" if not changes else skip_downsample
+      site = f"stage{s + 1}_block{i}" if (i == 0 or not scan_blocks) else f"stage{s + 1}_blocks"
+      specs.append(BlockSpec(site=site, index=len(specs), bottleneck=imagenet, in_features=in_f,
+                             features=feat, out_features=out_f, stride=stride, in_hw=(h, w),
+                             router_hidden=router_hidden or in_f, shortcut=shortcut, skip=skip))
+      h, w = (h + stride - 1) // stride, (w + stride - 1) // stride
+      in_f = out_f
+  return tuple(specs)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostSummary:
+  """Per-example MACs and parameters, as Python ints (exact)."""
+  macs_table: tuple[int, ...]     # [D] residual branch of each block.
+  params_table: tuple[int, ...]   # [D]
+  macs_fixed: int                 # stem + routers + shortcuts/skips + classifier.
+  params_fixed: int
+  router_macs: int
+  router_params: int
+  stem_head_macs: int
+  stem_head_params: int
+  shortcut_macs: int              # projection shortcuts and learned skips.
+  shortcut_params: int
+
+  @property
+  def backbone_macs(self) -> int:
+    """MACs of the plain ResNet (every block, no routers, no learned skips)."""
+    return self.macs_fixed - self.router_macs + sum(self.macs_table)
+
+  @property
+  def backbone_params(self) -> int:
+    return self.params_fixed - self.router_params + sum(self.params_table)
+
+  @property
+  def total_params(self) -> int:
+    return self.params_fixed + sum(self.params_table)
+
+
+# ------------------------------------------------------------------------------------------------
+# Routed block.
+# ------------------------------------------------------------------------------------------------
+
+
+class RoutedBlock(nn.Module):
+  """One residual block with its router. Returns (output, (path v, weight, executed)), each [B].
+
+  Static mode flags are attributes (so the block can sit under nn.scan); `tau` and `threshold`
+  are call arguments (traced values allowed).
+  """
+  bottleneck: bool
+  features: int
+  out_features: int
+  stride: int
+  router_hidden: int
+  router_activation: str
+  shortcut: str
+  skip: str
+  train: bool
+  hard: bool
+  thresholded: bool
+  drop_path_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, tau: Array, threshold: Array):
+    logits = Router(self.router_hidden, self.router_activation, name="router")(x)
+    relaxed = self.train and not self.hard
+    if relaxed:
+      v = routing.relaxed_decision(self.make_rng("routing"), logits, tau)
+      weight = v
+      executed = jnp.ones_like(v)
+    else:
+      v = routing.relaxed_decision(None, logits, tau)
+      u = routing.hard_decision(v, threshold)
+      if self.train:  # stage-2 fine-tuning: hard decisions, straight-through gradient.
+        weight = routing.straight_through(u, v)
+        executed = u.astype(v.dtype)
+      else:
+        weight = u.astype(v.dtype)
+        executed = weight if self.thresholded else jnp.ones_like(v)
+
+    # Shortcut of the block (always needed: the block's own residual add and the skip path).
+    if self.shortcut == "identity":
+      sc = x
+    elif self.shortcut == "option_a":
+      sc = option_a_shortcut(x, self.out_features, self.stride)
+    else:
+      sc = Projection(self.out_features, self.stride, name="shortcut")(x, train=self.train)
+
+    body_cls = BottleneckBody if self.bottleneck else BasicBody
+    res = body_cls(self.features, self.stride, name="body")(x, train=self.train)
+    if self.train and self.drop_path_rate > 0.0:
+      keep = 1.0 - self.drop_path_rate
+      mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],))
+      res = res * (mask.astype(res.dtype) / keep)[:, None, None, None]
+    run = nn.relu(res + sc)
+
+    if not self.train and not self.thresholded and not self.is_initializing():
+      return run, (v, weight, executed)  # every block runs; the skip path is not needed.
+
+    if self.skip == "identity":
+      skipped = x
+    elif self.skip == "shortcut":
+      skipped = nn.relu(sc)
+    else:
+      skipped = Projection(self.out_features, self.stride, relu=True, name="skip")(
+          x, train=self.train)
+
+    if not self.train and not self.thresholded:  # initialising in "all blocks" mode.
+      return run, (v, weight, executed)
+    if self.train:
+      wb = weight.astype(run.dtype)[:, None, None, None]
+      y = wb * run + (1.0 - wb) * skipped
+    else:
+      y = jnp.where(executed.astype(bool)[:, None, None, None], run, skipped)
+    return y, (v, weight, executed)
+
+
+class _ScanBody(nn.Module):
+  """Adapter giving RoutedBlock the (carry, *broadcast) -> (carry, out) signature of nn.scan."""
+  block_kwargs: Any
+
+  @nn.compact
+  def __call__(self, x, tau, threshold):
+    return RoutedBlock(**dict(self.block_kwargs), name="block")(x, tau, threshold)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model.
+# ------------------------------------------------------------------------------------------------
+
+
+class CoDiNet(nn.Module):
+  """CoDiNet routed ResNet.
+
+  Call: `model.apply(variables, x, train=..., tau=1.0, threshold=None, drop_path_rate=0.0,
+  strategy='dense', hard=False, rngs=..., mutable=...)` with x: [B, H, W, C] float.
+
+  * train=True, hard=False (stage 1): Gumbel-relaxed decisions v (rng stream 'routing'), batch
+    statistics (mutable=['batch_stats']), drop-path on residual branches (stream 'dropout') if
+    drop_path_rate > 0.
+  * train=True, hard=True (stage 2 fine-tuning, routers frozen by the trainer): deterministic hard
+    decisions u = 1[v >= (threshold or 0.5)] in the forward pass, straight-through gradients;
+    no 'routing' rng needed. `executed` = u.
+  * train=False: deterministic, no rng. threshold=None runs every block (`executed` all ones,
+    `weights` = the hard decisions at 0.5); threshold=T runs block k iff v_k >= T.
+
+  Returns a `ModelOutput` with S = D = number of blocks: weights (v in training, 0/1 otherwise),
+  executed, path = v (noise-free outside stage 1), macs/params tables, site_shape=(D,).
+  """
+  variant: str = "resnet110"
+  num_classes: int = 10
+  width: int = 16
+  router_hidden: int = 0
+  router_activation: str = "relu"
+  skip_downsample: str = "shortcut"
+  scan_blocks: bool = True
+
+  # -- static structure ---------------------------------------------------------------------------
+
+  def block_specs(self, image_hw: tuple[int, int]) -> tuple[BlockSpec, ...]:
+    """The D routed blocks, in routing order, for inputs of spatial size `image_hw`."""
+    return _block_specs(self.variant, self.width, self.router_hidden, self.skip_downsample,
+                        self.scan_blocks, tuple(image_hw))
+
+  def cost_summary(self, input_shape: Sequence[int]) -> CostSummary:
+    """Exact per-example MACs and params for inputs of shape [H, W, C] (or [B, H, W, C])."""
+    shape = tuple(input_shape)[-3:]
+    return _cost_summary(self.variant, self.width, self.router_hidden, self.router_activation,
+                         self.skip_downsample, self.num_classes, shape)
+
+  def _check_input(self, x: Array) -> None:
+    if x.ndim != 4:
+      raise ValueError(f"CoDiNet expects images [B, H, W, C]; got shape {x.shape}.")
+    red = input_reduction(self.variant)
+    if x.shape[1] % red or x.shape[2] % red:
+      raise ValueError(f"image size {x.shape[1:3]} must be a multiple of {red} for {self.variant} "
+                       "(config.model.image_size).")
+
+  # -- forward ------------------------------------------------------------------------------------
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool, tau: float | Array = 1.0,
+               threshold: float | Array | None = None, drop_path_rate: float = 0.0,
+               strategy: str = "dense", hard: bool = False) -> ModelOutput:
+    self._check_input(x)
+    routing.check_tau(tau)
+    if threshold is not None:
+      routing.check_threshold(threshold)
+    if strategy not in _KNOWN_STRATEGIES:
+      raise ValueError(f"strategy must be one of {_KNOWN_STRATEGIES}; got {strategy!r}.")
+    if strategy not in STRATEGIES_IMPLEMENTED:
+      raise NotImplementedError(f"CoDiNet strategy {strategy!r} is not wired in yet; use 'dense'.")
+    if not (isinstance(drop_path_rate, (int, float)) and 0.0 <= drop_path_rate < 1.0):
+      raise ValueError(f"drop_path_rate must lie in [0, 1); got {drop_path_rate!r}.")
+    if hard and not train:
+      raise ValueError("hard=True is a training mode (stage-2 fine-tuning); inference already "
+                       "uses hard decisions.")
+
+    specs = self.block_specs(x.shape[1:3])
+    summary = self.cost_summary(x.shape)
+    imagenet = not is_cifar_variant(self.variant)
+    tau_arr = jnp.asarray(tau, jnp.float32)
+    thr_arr = jnp.asarray(0.5 if threshold is None else threshold, jnp.float32)
+    mode = dict(train=train, hard=hard, thresholded=(not train) and threshold is not None,
+                drop_path_rate=float(drop_path_rate) if train else 0.0)
+
+    y = Stem(self.width, imagenet, name="stem")(x, train=train)
+    paths, weights, executed = [], [], []
+    i = 0
+    while i < len(specs):
+      spec = specs[i]
+      kwargs = dict(bottleneck=spec.bottleneck, features=spec.features,
+                    out_features=spec.out_features, stride=spec.stride,
+                    router_hidden=spec.router_hidden, router_activation=self.router_activation,
+                    shortcut=spec.shortcut, skip=spec.skip, **mode)
+      group = [s for s in specs[i:] if s.site == spec.site]
+      if len(group) == 1:
+        y, (v, w, e) = RoutedBlock(**kwargs, name=spec.site)(y, tau_arr, thr_arr)
+        paths.append(v[:, None]); weights.append(w[:, None]); executed.append(e[:, None])
+      else:
+        scan = nn.scan(_ScanBody, variable_axes={"params": 0, "batch_stats": 0},
+                       split_rngs={"params": True, "routing": True, "dropout": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=len(group))
+        y, (v, w, e) = scan(tuple(sorted(kwargs.items())), name=spec.site)(y, tau_arr, thr_arr)
+        paths.append(v.T); weights.append(w.T); executed.append(e.T)
+      i += len(group)
+
+    logits = Head(self.num_classes, name="head")(y)
+    return ModelOutput(
+        logits=logits,
+        aux_logits=None,
+        weights=jnp.concatenate(weights, axis=1),
+        executed=jnp.concatenate(executed, axis=1),
+        path=jnp.concatenate(paths, axis=1),
+        macs_table=jnp.asarray(summary.macs_table, jnp.float32),
+        params_table=jnp.asarray(summary.params_table, jnp.float32),
+        macs_fixed=jnp.asarray(summary.macs_fixed, jnp.float32),
+        params_fixed=jnp.asarray(summary.params_fixed, jnp.float32),
+        site_shape=(len(specs),),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _cost_summary(variant: str, width: int, router_hidden: int, router_activation: str,
+                  skip_downsample: str, num_classes: int,
+                  in_shape: tuple[int, int, int]) -> CostSummary:
+  """Per-example costs of every part, each from `costs.module_macs`/`module_params` of its module."""
+  imagenet = not is_cifar_variant(variant)
+  specs = _block_specs(variant, width, router_hidden, skip_downsample, False, in_shape[:2])
+  stem_m, stem_p = _module_costs(Stem(width, imagenet, parent=None), in_shape)
+  last = specs[-1]
+  out_hw = ((last.in_hw[0] + last.stride - 1) // last.stride,
+            (last.in_hw[1] + last.stride - 1) // last.stride)
+  head_m, head_p = _module_costs(Head(num_classes, parent=None), (*out_hw, last.out_features))
+  macs_table, params_table = [], []
+  r_m = r_p = sc_m = sc_p = 0
+  for spec in specs:
+    m, p = _module_costs(spec.body(), spec.in_shape)
+    macs_table.append(m); params_table.append(p)
+    m, p = _module_costs(Router(spec.router_hidden, router_activation, parent=None),
+                         spec.in_shape)
+    r_m += m; r_p += p
+    if spec.shortcut == "projection":
+      m, p = _module_costs(Projection(spec.out_features, spec.stride, parent=None),
+                           spec.in_shape)
+      sc_m += m; sc_p += p
+    if spec.skip == "conv1x1":
+      m, p = _module_costs(
+          Projection(spec.out_features, spec.stride, relu=True, parent=None), spec.in_shape)
+      sc_m += m; sc_p += p
+  return CostSummary(
+      macs_table=tuple(macs_table), params_table=tuple(params_table),
+      macs_fixed=stem_m + head_m + r_m + sc_m, params_fixed=stem_p + head_p + r_p + sc_p,
+      router_macs=r_m, router_params=r_p, stem_head_macs=stem_m + head_m,
+      stem_head_params=stem_p + head_p, shortcut_macs=sc_m, shortcut_params=sc_p)
+
+
+def router_param_pattern() -> str:
+  """Regex matching router parameter paths (for `costs.params_by_group` and router freezing)."""
+  return r"(^|/)router(/|$)"
+
+
+def unscanned_to_scanned(params: Any, variant: str) -> Any:
+  """Restructures a `scan_blocks=False` variable collection into the `scan_blocks=True` layout.
+
+  Blocks 1..n-1 of stage s (`stage{s}_block{i}`) are stacked along a new leading axis under
+  `stage{s}_blocks/block`. Works for 'params' and 'batch_stats' collections alike.
+  """
+  out = {k: v for k, v in params.items() if not re.fullmatch(r"stage\d+_block\d+", k)}
+  for s, n in enumerate(stage_blocks(variant), start=1):
+    out[f"stage{s}_block0"] = params[f"stage{s}_block0"]
+    if n > 1:
+      group = [params[f"stage{s}_block{i}"] for i in range(1, n)]
+      out[f"stage{s}_blocks"] = {"block": jax.tree.map(lambda *a: jnp.stack(a), *group)}
+  return out
