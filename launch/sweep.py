@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Launches several config variants, each with its own workdir.
 
-  python launch/sweep.py --root=runs/sweep configs/drnet_cifar10.py:S,M,L
+  python launch/sweep.py --root=runs/sweep configs/drnet_cifar10.py --variants S M L
   python launch/sweep.py --launcher=slurm --root=/shared/runs configs/drnet_cifar10.py:S \\
-      configs/codinet_cifar10.py:R110 -- --config.train.global_batch_size=256
+      configs/codinet_cifar10.py:resnet110,gamma=0.1 -- --config.train.global_batch_size=256
   python launch/sweep.py --dry ...      # print the commands only
 
-Each spec is `CONFIG_FILE[:VARIANT[,VARIANT...]]`; `x.py:S,M` expands to `x.py:S` and `x.py:M`.
-Flags after `--` are passed to every run. The workdir of `configs/x.py:S` is `ROOT/x_S`.
+Each positional spec is one run, `CONFIG_FILE[:ARG]`, passed to --config unchanged (config
+arguments may contain commas). `--variants A B` turns every spec without ':' into one run per
+variant (`x.py:A`, `x.py:B`). Flags after `--` are passed to every run. The workdir of
+`configs/x.py:S` is `ROOT/x_S` (characters other than letters, digits, '_', '.', '-' become '-').
 
 Launchers:
   local  runs the variants one after another on this host (launch/local.sh); stops at the first
@@ -17,7 +19,8 @@ Launchers:
   tpu    runs the variants one after another on the TPU slice $TPU in $ZONE (launch/tpu_pod.sh);
          a slice runs one job at a time. For many small CIFAR runs, several small slices
          (one per variant) use a pod better than one big slice: see launch/README.md.
-Rerunning the same sweep resumes every unfinished run from its checkpoints.
+Paths are relative to the current directory (the tpu launcher: to the repository root, where
+each worker runs). Rerunning the same sweep resumes every unfinished run from its checkpoints.
 """
 
 from __future__ import annotations
@@ -30,22 +33,20 @@ import subprocess
 import sys
 
 LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(LAUNCH_DIR)
 
 
-def expand_specs(specs: list[str]) -> list[str]:
+def expand_specs(specs: list[str], variants: list[str] | None = None) -> list[str]:
   out = []
   for spec in specs:
-    path, sep, variants = spec.partition(":")
+    path, sep, arg = spec.partition(":")
     if not path.endswith(".py"):
-      raise SystemExit(f"not a config file (CONFIG.py[:VARIANT]): {spec!r}")
-    if not sep:
-      out.append(path)
-      continue
-    names = [v for v in variants.split(",") if v]
-    if not names:
-      raise SystemExit(f"empty variant list in {spec!r}")
-    out.extend(f"{path}:{v}" for v in names)
+      raise SystemExit(f"not a config file (CONFIG.py[:ARG]): {spec!r}")
+    if sep and not arg:
+      raise SystemExit(f"empty config argument in {spec!r}")
+    if sep or not variants:
+      out.append(spec)
+    else:
+      out.extend(f"{path}:{v}" for v in variants)
   if len(set(out)) != len(out):
     raise SystemExit(f"duplicate runs in {out}")
   return out
@@ -79,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     i = argv.index("--")
     argv, extra = argv[:i], argv[i + 1:]
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("specs", nargs="+", help="CONFIG.py[:VARIANT[,VARIANT...]]")
+  parser.add_argument("specs", nargs="+", help="CONFIG.py[:ARG], one run each")
+  parser.add_argument("--variants", nargs="+", default=None,
+                      help="one run per variant for every spec given without ':'")
   parser.add_argument("--root", required=True, help="parent directory of the per-run workdirs")
   parser.add_argument("--launcher", choices=("local", "slurm", "tpu"), default="local")
   parser.add_argument("--sbatch_args", default="", help="extra sbatch options (slurm launcher)")
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--dry", action="store_true", help="print the commands, run nothing")
   args = parser.parse_args(argv)
 
-  runs = expand_specs(args.specs)
+  runs = expand_specs(args.specs, args.variants)
   sbatch_args = shlex.split(args.sbatch_args)
   if args.launcher == "tpu" and not args.dry and not (os.environ.get("TPU") and os.environ.get("ZONE")):
     parser.error("the tpu launcher needs TPU and ZONE in the environment")
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     print(shlex.join(cmd), flush=True)
     if args.dry:
       continue
-    rc = subprocess.call(cmd, cwd=REPO_ROOT)
+    rc = subprocess.call(cmd)
     if rc:
       failed.append(spec)
       print(f"[sweep] {spec}: exit status {rc}", file=sys.stderr, flush=True)

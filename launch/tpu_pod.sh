@@ -7,7 +7,8 @@
 # Environment: TPU, ZONE (required), PROJECT (optional, else gcloud's default), DETACH=1 to run
 # under nohup and return at once (log in ~/dynroute_train.log on each worker), SKIP_INSTALL=1 to
 # reuse the environment installed by a previous call.
-# WORKDIR must be storage every worker sees (see launch/README.md).
+# CONFIG is relative to the repository root (workers run there); WORKDIR must be storage every
+# worker sees (see launch/README.md).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   echo "usage: TPU=... ZONE=... $0 CONFIG WORKDIR [--config.field=value ...]" >&2

@@ -27,13 +27,15 @@ def _sweep(*args):
 
 
 def test_sweep_dry_local():
-  rc, cmds, err = _sweep("--dry", "--root=runs/sw", "configs/drnet_cifar10.py:S,M",
-                         "configs/digits.py", "--", "--config.seed=3")
+  rc, cmds, err = _sweep("--dry", "--root=runs/sw", "configs/drnet_cifar10.py",
+                         "configs/codinet_cifar10.py:resnet110,gamma=0.1", "--variants", "S", "M",
+                         "--", "--config.seed=3")
   assert rc == 0, err
   assert [c[1:] for c in cmds] == [
       ["configs/drnet_cifar10.py:S", "runs/sw/drnet_cifar10_S", "--config.seed=3"],
       ["configs/drnet_cifar10.py:M", "runs/sw/drnet_cifar10_M", "--config.seed=3"],
-      ["configs/digits.py", "runs/sw/digits", "--config.seed=3"]]
+      ["configs/codinet_cifar10.py:resnet110,gamma=0.1", "runs/sw/codinet_cifar10_resnet110-gamma-0.1",
+       "--config.seed=3"]]
   assert all(c[0].endswith("launch/local.sh") for c in cmds)
 
 
@@ -44,5 +46,5 @@ def test_sweep_dry_slurm_and_errors():
   assert cmds == [["sbatch", "--job-name=dr-drnet_cifar10_L", "--nodes=2", "--time=1:00:00",
                    os.path.join(LAUNCH, "slurm.sbatch"), "configs/drnet_cifar10.py:L",
                    "/shared/r/drnet_cifar10_L"]]
-  assert _sweep("--dry", "--root=r", "configs/x.py:A,A")[0] != 0
+  assert _sweep("--dry", "--root=r", "configs/x.py:A", "configs/x.py:A")[0] != 0
   assert _sweep("--dry", "--root=r", "configs/x")[0] != 0
