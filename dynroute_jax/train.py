@@ -36,6 +36,7 @@ import optax
 
 from dynroute_jax import checkpoint as ckpt_lib
 from dynroute_jax import config_lib
+from dynroute_jax import distributed
 from dynroute_jax import evaluation
 from dynroute_jax import input_pipeline
 from dynroute_jax import losses
@@ -49,6 +50,8 @@ PyTree = Any
 # Named random streams: a stream's id is folded into the per-step key.
 STREAMS = {"init": 0, "routing": 1, "dropout": 2, "augment": 3}
 ROUTER_REGEX = "router"
+# Multi-host: how often processes agree on whether a stop signal arrived anywhere.
+PREEMPTION_CHECK_STEPS = 10
 
 
 @flax.struct.dataclass
@@ -194,7 +197,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: 
       labels = labels_B
     tau = tau_fn(step)
     frac = (step - stage.start).astype(jnp.float32) / max(stage.num_steps, 1)
-    drop_path = sc.drop_path_rate * jnp.clip(frac, 0.0, 1.0)
+    # A static 0 lets the model leave drop-path out of the graph entirely.
+    drop_path = sc.drop_path_rate * jnp.clip(frac, 0.0, 1.0) if sc.drop_path_rate > 0 else 0.0
     rngs = {"routing": stream_key(base_key, step, "routing"),
             "dropout": stream_key(base_key, step, "dropout")}
 
@@ -355,6 +359,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dry-run report instead, without training.
   """
   config_lib.validate(config)
+  for f in ("image_size", "num_channels", "num_classes"):
+    if f in config.model and config.model[f] != config.data[f]:
+      raise ValueError(f"config.model.{f} ({config.model[f]}) differs from config.data.{f} "
+                       f"({config.data[f]}); set both to the dataset's value.")
   model = models_base.build_model(config.model)  # Validates the model fields.
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.global_batch_size, mesh, jax.process_count())
@@ -426,7 +434,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("Stage %d: compiled the train step in %.1f s.", stage.index, compile_s)
       if config.dry_run:
         report = {"stage": stage.index, "compile_seconds": compile_s,
-                  "report": sharding.dry_run_report(compiled)}
+                  "report": sharding.dry_run_report(
+                      compiled, num_devices=mesh.size,
+                      examples_per_step=config.train.global_batch_size * config.data.num_views)}
         print(report["report"])
         ckpt.close()
         return report
@@ -442,12 +452,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, metrics = compiled(state, batch, base_key_r)
         monitor.push(step, metrics)
         done = step + 1
-        if preemption.signum is not None:
+        # Every process must stop at the same step, or the others wait forever in the next
+        # all-reduce: agree on the signal at fixed steps (a no-op collective on a single host).
+        if done % PREEMPTION_CHECK_STEPS == 0 or done == stage.end or jax.process_count() == 1:
+          stop = distributed.any_process(preemption.signum is not None)
+        else:
+          stop = False
+        if stop:
           monitor.flush()
           _save(ckpt, done, state, stage, config, force=True)
           ckpt.wait_until_finished()
-          logging.warning("Saved step %d after signal %d; rerun the same command to resume.", done,
-                          preemption.signum)
+          logging.warning("Saved step %d after a stop signal (%s); rerun the same command to resume.",
+                          done, preemption.signum)
           preempted = True
           break
         if done % config.checkpoint.every_steps == 0 and done != stage.end:
