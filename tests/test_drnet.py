@@ -406,6 +406,12 @@ def test_dispatch_strategy_matches_dense():
   del model
 
 
+def test_strategy_resolution():
+  assert drnet._resolve_strategy("dense", 4) == "dense"
+  resolved = drnet._resolve_strategy("auto", 4)
+  assert resolved in drnet.STRATEGIES and resolved != "auto"
+
+
 # ------------------------------------------------------------------------------------------------
 # Validation: ValueErrors naming the field, before anything compiles.
 # ------------------------------------------------------------------------------------------------

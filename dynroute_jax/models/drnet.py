@@ -45,7 +45,9 @@ Routing (`__call__`):
   * train=False, threshold=T: mask, w = routing.threshold_select(softmax(logits / tau), T); output
     sum over kept branches of w_b F_b(x). `strategy='dense'` computes every branch and masks;
     other strategies go through `dynroute_jax.dispatch.mix_branches`, which runs each branch only
-    on the examples that kept it (each branch is its own submodule, called as a pure function).
+    on the examples that kept it (each branch is its own submodule, called as a pure function
+    through `module.unbind()`); 'auto' takes the dispatcher's platform default ('dense' when no
+    dispatcher is installed). `strategy` is ignored in training and without a threshold.
   * Drop-connection (`drop_path_rate`, per call, training only, 'dropout' rng): DARTS drop-path on
     the output of every branch but the identity.
   * Drop-branch (`drop_branch_rate`, a model field; the paper's "drop-branch 0.7" is not defined
@@ -477,9 +479,7 @@ class DRNet(nn.Module):
       raise ValueError(f"x must be [B, H, W, {self.num_channels}] (num_channels="
                        f"{self.num_channels}); got shape {x.shape}.")
     _check_spatial(x.shape[1], x.shape[2], self.stem, "x's H and W")
-    if strategy == "auto":
-      from dynroute_jax import dispatch  # pylint: disable=g-import-not-at-top
-      strategy = dispatch.resolve_strategy(strategy, x.shape[0])
+    strategy = _resolve_strategy(strategy, x.shape[0]) if threshold is not None else "dense"
 
     plans = self.plan(x.shape)
     s0, s1 = Stem(self.stem, self.init_channels, self.stem_multiplier, name="stem")(x, train=train)
@@ -517,6 +517,20 @@ class DRNet(nn.Module):
         params_fixed=jnp.asarray(tables.params_fixed, jnp.float32),
         site_shape=self.site_shape,
     )
+
+
+def _resolve_strategy(strategy: str, batch_size: int) -> str:
+  """'auto' -> the dispatcher's platform default ('dense' without a dispatcher); checks the rest."""
+  try:
+    from dynroute_jax import dispatch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    dispatch = None
+  if dispatch is None:
+    if strategy in ("auto", "dense"):
+      return "dense"
+    raise NotImplementedError(f"strategy={strategy!r} needs dynroute_jax.dispatch; only 'dense' "
+                              "(compute every branch, then mask) is available.")
+  return dispatch.resolve_strategy(strategy, batch_size)
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(DRNet)
