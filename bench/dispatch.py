@@ -8,6 +8,13 @@ MACs (computed from the masks and the block MACs, `dynroute_jax.costs`).
 
   efficiency = realised speed-up / ideal speed-up,  realised = dense time / strategy time.
 
+Columns: ms and img/s are medians over rounds; speedup is the median over rounds of the same-round
+ratio dense / strategy; eff = speedup / ideal; eff_best uses the fastest time of each instead (the
+least disturbed run, useful on a shared machine); compile_s is lower + compile of the whole stack.
+The p = 1.00 rows (every example runs every block, ideal 1) measure what a strategy's execution
+pattern costs or gains by itself (e.g. convs on 32-row chunks against one 256-row conv): divide an
+efficiency by the p = 1 one to isolate the skipping.
+
 Identical blocks of a stage run under `lax.scan`, so each distinct block is compiled once per
 strategy (a 'compact' switch still compiles one copy per bucket). Timings are interleaved across
 strategies (round robin per repeat) and the median is reported, so ratios come from the same run.
@@ -19,7 +26,6 @@ strategies (round robin per repeat) and the median is reported, so ratios come f
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,12 +49,15 @@ VARIANTS = {
     "per_example": ("per_example", {}),
     "compact": ("compact", {}),
     "compact_geo": ("compact", {"spacing": "geometric"}),
+    "compact_chain": ("compact", {"branching": "cond_chain"}),
     "chunk": ("chunk", {}),
     "chunk_notail": ("chunk", {"tail_levels": 0}),
     "chunk16": ("chunk", {"chunk": 16, "tail_levels": 1}),
     "chunk64": ("chunk", {"chunk": 64, "tail_levels": 3}),
+    "chunk_binary": ("chunk", {"chunk": 128, "tail_levels": 4}),
 }
-DEFAULT_VARIANTS = ("dense", "batch_cond", "per_example", "compact", "chunk_notail", "chunk")
+DEFAULT_VARIANTS = ("dense", "batch_cond", "per_example", "compact", "compact_chain",
+                    "chunk_notail", "chunk")
 
 
 def conv(x, w, stride=1):
@@ -159,7 +168,7 @@ def run(args):
   print(f"auto -> {[dispatch.default_strategy(jax.default_backend(), b) for b in args.batch]} "
         f"for batch {args.batch}")
   header = (f"{'batch':>5} {'p':>5} {'strategy':<13} {'ms':>9} {'img/s':>9} {'speedup':>8} "
-            f"{'ideal':>6} {'eff':>5} {'compile_s':>9}")
+            f"{'ideal':>6} {'eff':>5} {'eff_best':>8} {'compile_s':>9}")
   print(header)
   for batch in args.batch:
     x = jax.random.normal(jax.random.key(1), (batch, 32, 32, WIDTHS[0]))
@@ -181,16 +190,22 @@ def run(args):
         y = jax.block_until_ready(fns[name](x, masks))
         if ref is not None:
           np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=2e-3, atol=2e-3)
-      for _ in range(args.repeats):
-        for name in args.variants:
+      for _ in range(args.repeats):  # one round = every variant once, in a shuffled order
+        for name in rng.permutation(args.variants):
           t0 = time.perf_counter()
           jax.block_until_ready(fns[name](x, masks))
           times[name].append(time.perf_counter() - t0)
-      med = {name: statistics.median(t) for name, t in times.items()}
       for name in args.variants:
-        speedup = med["dense"] / med[name] if "dense" in med else float("nan")
-        print(f"{batch:>5} {frac:>5.2f} {name:<13} {med[name] * 1e3:>9.2f} "
-              f"{batch / med[name]:>9.1f} {speedup:>8.2f} {ideal:>6.2f} {speedup / ideal:>5.2f} "
+        t = np.asarray(times[name])
+        med = float(np.median(t))
+        if "dense" in times:
+          # Same-round ratios (robust to slow load drifts) and best-of (least disturbed) ratio.
+          paired = float(np.median(np.asarray(times["dense"]) / t))
+          best = min(times["dense"]) / float(t.min())
+        else:
+          paired = best = float("nan")
+        print(f"{batch:>5} {frac:>5.2f} {name:<13} {med * 1e3:>9.2f} {batch / med:>9.1f} "
+              f"{paired:>8.2f} {ideal:>6.2f} {paired / ideal:>5.2f} {best / ideal:>8.2f} "
               f"{compile_s[name]:>9.2f}", flush=True)
 
 
@@ -198,7 +213,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
   ap.add_argument("--blocks", type=int, default=18, help="blocks per stage (ResNet-110: 18)")
-  ap.add_argument("--fractions", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+  ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                   choices=list(VARIANTS), help="'dense' is needed for speed-ups")

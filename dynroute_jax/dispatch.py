@@ -26,7 +26,10 @@ Strategies (all give the same values as 'dense', up to float rounding of the ord
                  over static capacity buckets picks the smallest bucket >= count; that branch gathers
                  the first c rows, runs the function on c rows and scatters the valid results back in
                  place. Count 0 is its own branch that touches nothing; the full bucket (c = B) runs on
-                 the batch as is and selects, with no gather or scatter.
+                 the batch as is and selects, with no gather or scatter. XLA (CPU, 0.10) copies the
+                 carry once per site when several switch branches update it, a full-batch memory
+                 pass; `branching='cond_chain'` (one two-way cond per bucket) avoids the copy at the
+                 price of one predicate per bucket.
   'chunk'        a `while_loop` over the compacted rows in chunks of `chunk` rows (whole chunks only),
                  then a short tail: one `lax.cond` per power-of-two fraction of a chunk (chunk/2,
                  chunk/4, ... down to chunk / 2**tail_levels rows), so at most chunk / 2**tail_levels - 1
@@ -241,11 +244,20 @@ def _core(carry, mask_B, put_rows, full, strategy, opts):
         return put_rows(carry, order[:cap], jnp.arange(cap) < count)
       return branch
 
-    branches = [lambda carry: carry] + [make_branch(c) for c in caps]
     # The smallest capacity >= count; branch 0 (count = 0) touches nothing.
     caps_arr = jnp.asarray((0,) + caps, jnp.int32)
     index = jnp.sum(caps_arr < count).astype(jnp.int32)
-    return lax.switch(index, branches, carry)
+    branching = opts.get("branching", "switch")
+    if branching == "switch":
+      branches = [lambda carry: carry] + [make_branch(c) for c in caps]
+      return lax.switch(index, branches, carry)
+    if branching != "cond_chain":
+      raise ValueError(f"branching must be 'switch' or 'cond_chain'; got {branching!r}.")
+    # One two-way cond per bucket, at most one taken: XLA updates the carry in place in each,
+    # where a switch with several updating branches gets a full-batch copy of the carry.
+    for i, cap in enumerate(caps):
+      carry = lax.cond(index == i + 1, make_branch(cap), lambda c: c, carry)
+    return carry
 
   if strategy != "chunk":
     raise AssertionError(strategy)
@@ -280,7 +292,7 @@ _STRATEGY_OPTS = {
     "dense": (),
     "batch_cond": (),
     "per_example": (),
-    "compact": ("buckets", "spacing"),
+    "compact": ("buckets", "spacing", "branching"),
     "chunk": ("chunk", "tail_levels"),
 }
 
@@ -314,7 +326,9 @@ def select_apply(fn: Callable[[PyTree], PyTree], x_B: PyTree, run_B: Array,
       the in-place update (module docstring).
     strategy: one of STRATEGIES.
     platform: platform for 'auto' (default: `jax.default_backend()`).
-    **opts: 'compact': buckets (int or capacities, default 8), spacing ('linear' | 'geometric');
+    **opts: 'compact': buckets (int or capacities, default 8), spacing ('linear' | 'geometric'),
+      branching ('switch': one lax.switch, one predicate per site; 'cond_chain': one two-way
+      lax.cond per bucket, which XLA updates in place: no full-batch copy per site);
       'chunk': chunk (rows, default B/8 rounded down to a power of two), tail_levels (default 2).
       Options of other strategies are ignored, unknown names raise TypeError.
 

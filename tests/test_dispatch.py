@@ -110,6 +110,7 @@ def test_mix_branches_matches_reference(strategy):
     dict(strategy="compact", buckets=3),
     dict(strategy="compact", buckets=(4, 16)),
     dict(strategy="compact", spacing="geometric"),
+    dict(strategy="compact", branching="cond_chain"),
     dict(strategy="chunk", chunk=3),
     dict(strategy="chunk", chunk=8, tail_levels=0),
     dict(strategy="chunk", chunk=8, tail_levels=3),
@@ -248,6 +249,33 @@ def test_hlo_per_example_and_batch_cond():
   hlo = _compiled("batch_cond", 16)
   assert "conditional(" in hlo
   assert not _conv_batches(_computations(hlo)["ENTRY"])
+
+
+@pytest.mark.parametrize("opts", [dict(strategy="chunk"),
+                                  dict(strategy="compact", branching="cond_chain")])
+def test_hlo_identity_updates_in_place(opts):
+  """No full-batch copy of the activations: the selected rows are overwritten in place.
+
+  Checked on a residual stack under lax.scan with the input donated (as an intermediate of a model
+  would be). Guards against regressions that add a full-batch memory pass per routed site.
+  """
+  b, n = 32, 3
+  x = jax.ShapeDtypeStruct((b, 8, 8, C), jnp.float32)
+  run = jax.ShapeDtypeStruct((n, b), jnp.bool_)
+
+  def stack(x, run):
+    def body(h, r):
+      return dispatch.select_apply(res_block, h, r, None, **opts), None
+    return lax.scan(body, x, run)[0]
+
+  hlo = jax.jit(stack, donate_argnums=0).lower(x, run).compile().as_text()
+  assert not re.findall(r"f32\[32,8,8,3\]\{[^}]*\} copy\(", hlo)
+
+
+def test_hlo_compact_switch_is_one_conditional():
+  hlo = _compiled("compact", 64, buckets=4, branching="switch")
+  assert len(re.findall(r" conditional\(", hlo)) == 1, "one switch per site"
+  assert "branch_computations" in hlo
 
 
 class _Recorder:
