@@ -234,8 +234,39 @@ class SkipSemanticsTest(parameterized.TestCase):
     out = _japply(model)(variables, _images(), train=False, threshold=0.5)
     np.testing.assert_array_equal(out.executed, 0.0)
     chex.assert_tree_all_finite(out.logits)
+    chunked = _japply(model)(variables, _images(), train=False, threshold=0.5, strategy="chunk")
+    np.testing.assert_allclose(chunked.logits, out.logits, rtol=1e-5, atol=1e-5)
     summary = model.cost_summary((8, 8, 3))
     self.assertGreater(summary.shortcut_params, 0)
+
+
+class DispatchTest(parameterized.TestCase):
+
+  @parameterized.parameters(("chunk", True), ("compact", True), ("batch_cond", False),
+                            ("per_example", False), ("auto", False))
+  def test_strategies_match_dense(self, strategy, scan):
+    """Really skipping blocks gives the dense-and-mask reference's outputs."""
+    model, variables = _init(scan)
+    x = _images(6, batch=4)
+    # Mixed decisions: shift router biases so roughly half of the (example, block) pairs run.
+    ref = _japply(model)(variables, x, train=False, threshold=0.5)
+    executed = np.asarray(ref.executed)
+    self.assertTrue(0 < executed.sum() < executed.size, executed)
+    out = _japply(model)(variables, x, train=False, threshold=0.5, strategy=strategy)
+    np.testing.assert_array_equal(out.executed, executed)
+    np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+  def test_projection_shortcut_strategy(self):
+    """Bottleneck blocks (projection shortcut kept by skipped blocks) under a skipping strategy."""
+    cfg = codinet.default_config("resnet26", num_classes=3, image_size=32)
+    cfg.width = 2
+    model = codinet.from_config(cfg)
+    x = _images(7, batch=3, size=32)
+    variables = jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x, train=False))(x)
+    ref = _japply(model)(variables, x, train=False, threshold=0.5)
+    out = _japply(model)(variables, x, train=False, threshold=0.5, strategy="compact")
+    np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    chex.assert_shape(out.path, (3, 8))
 
 
 class ScanEquivalenceTest(parameterized.TestCase):
@@ -352,8 +383,6 @@ class ConfigValidationTest(parameterized.TestCase):
       model.apply(variables, x, train=False, tau=-1.0)
     with self.assertRaisesRegex(ValueError, "strategy"):
       model.apply(variables, x, train=False, strategy="bogus")
-    with self.assertRaises(NotImplementedError):
-      model.apply(variables, x, train=False, threshold=0.5, strategy="compact")
     with self.assertRaisesRegex(ValueError, "hard"):
       model.apply(variables, x, train=False, hard=True)
     with self.assertRaisesRegex(ValueError, "image size"):

@@ -33,10 +33,12 @@ when users may disagree):
   decisions are the noise-free inference decisions u_k = 1[v_k >= threshold or 0.5], so the blocks
   are fine-tuned on exactly the paths inference takes (the official code instead takes the argmax
   of a noisy Gumbel sample). The straight-through estimator still passes gradients to routers.
-* Training uses every block (dense) with batch statistics; inference with a threshold is computed
-  densely and masked for now (`strategy='dense'`); a block's residual branch is the submodule
-  `body` (params under `<site>/body`), a pure function of its input, so a dispatcher can run it on
-  the examples that need it only.
+* Training uses every block (dense) with batch statistics. Inference with a threshold runs each
+  block through `dispatch.select_apply` with the call's `strategy`: 'dense' computes every block on
+  the whole batch and masks (the reference); 'auto' / 'batch_cond' / 'per_example' / 'compact' /
+  'chunk' run a block's residual branch only on (a bucket or chunk of) the examples that selected
+  it. The block is a pure function of its input there: the `body` (params under `<site>/body`) and
+  `shortcut` submodule definitions applied to the block's variables, batch norm in inference mode.
 
 Cost convention (see `dynroute_jax.costs`): MACs of conv and dense layers; FLOPs = 2 x MACs.
 `macs_table[k]` = MACs of block k's residual branch (`body`) for one example; `macs_fixed` = stem,
@@ -64,6 +66,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dynroute_jax import costs
+from dynroute_jax import dispatch
 from dynroute_jax import routing
 from dynroute_jax.models.base import ModelOutput
 
@@ -82,8 +85,6 @@ VARIANTS = tuple(_CIFAR_DEPTHS) + tuple(_IMAGENET_BLOCKS)
 
 ROUTER_ACTIVATIONS = ("relu", "none")
 SKIP_DOWNSAMPLE = ("shortcut", "conv1x1")
-STRATEGIES_IMPLEMENTED = ("dense", "auto")
-_KNOWN_STRATEGIES = ("auto", "dense", "batch_cond", "per_example", "compact", "chunk")
 _MODEL_FIELDS = ("name", "variant", "num_classes", "image_size", "num_channels", "width",
                  "router_hidden", "router_activation", "skip_downsample", "scan_blocks")
 
@@ -448,6 +449,38 @@ class RoutedBlock(nn.Module):
   hard: bool
   thresholded: bool
   drop_path_rate: float = 0.0
+  strategy: str = "dense"
+
+  def _dispatched(self, x: Array, executed: Array) -> Array:
+    """Inference with a threshold: run the block only where `executed` (dispatch strategy)."""
+    params = self.variables["params"]
+    stats = self.variables["batch_stats"]
+    body_cls = BottleneckBody if self.bottleneck else BasicBody
+    body_def = body_cls(self.features, self.stride, parent=None)
+    body_vars = {"params": params["body"], "batch_stats": stats["body"]}
+
+    def shortcut(xs):
+      if self.shortcut == "identity":
+        return xs
+      if self.shortcut == "option_a":
+        return option_a_shortcut(xs, self.out_features, self.stride)
+      return Projection(self.out_features, self.stride, parent=None).apply(
+          {"params": params["shortcut"], "batch_stats": stats["shortcut"]}, xs, train=False)
+
+    def run(xs):
+      return nn.relu(body_def.apply(body_vars, xs, train=False) + shortcut(xs))
+
+    if self.skip == "identity":
+      return dispatch.select_apply(run, x, executed, None, strategy=self.strategy)
+    if self.skip == "shortcut":
+      # The shortcut is needed by every row (run rows add it, skipped rows are it): compute it once.
+      sc = shortcut(x)
+      return dispatch.select_apply(
+          lambda xs_sc: nn.relu(body_def.apply(body_vars, xs_sc[0], train=False) + xs_sc[1]),
+          (x, sc), executed, nn.relu(sc), strategy=self.strategy)
+    skipped = Projection(self.out_features, self.stride, relu=True, parent=None).apply(
+        {"params": params["skip"], "batch_stats": stats["skip"]}, x, train=False)
+    return dispatch.select_apply(run, x, executed, skipped, strategy=self.strategy)
 
   @nn.compact
   def __call__(self, x: Array, tau: Array, threshold: Array):
@@ -466,6 +499,9 @@ class RoutedBlock(nn.Module):
       else:
         weight = u.astype(v.dtype)
         executed = weight if self.thresholded else jnp.ones_like(v)
+
+    if self.thresholded and self.strategy != "dense" and not self.is_initializing():
+      return self._dispatched(x, executed), (v, weight, executed)
 
     # Shortcut of the block (always needed: the block's own residual add and the skip path).
     if self.shortcut == "identity":
@@ -531,7 +567,8 @@ class CoDiNet(nn.Module):
     decisions u = 1[v >= (threshold or 0.5)] in the forward pass, straight-through gradients;
     no 'routing' rng needed. `executed` = u.
   * train=False: deterministic, no rng. threshold=None runs every block (`executed` all ones,
-    `weights` = the hard decisions at 0.5); threshold=T runs block k iff v_k >= T.
+    `weights` = the hard decisions at 0.5); threshold=T runs block k iff v_k >= T, skipping work
+    as `strategy` says (see `dynroute_jax.dispatch`; 'dense' computes everything and masks).
 
   Returns a `ModelOutput` with S = D = number of blocks: weights (v in training, 0/1 otherwise),
   executed, path = v (noise-free outside stage 1), macs/params tables, site_shape=(D,).
@@ -575,10 +612,8 @@ class CoDiNet(nn.Module):
     routing.check_tau(tau)
     if threshold is not None:
       routing.check_threshold(threshold)
-    if strategy not in _KNOWN_STRATEGIES:
-      raise ValueError(f"strategy must be one of {_KNOWN_STRATEGIES}; got {strategy!r}.")
-    if strategy not in STRATEGIES_IMPLEMENTED:
-      raise NotImplementedError(f"CoDiNet strategy {strategy!r} is not wired in yet; use 'dense'.")
+    if strategy not in dispatch.STRATEGIES:
+      raise ValueError(f"strategy must be one of {dispatch.STRATEGIES}; got {strategy!r}.")
     if not (isinstance(drop_path_rate, (int, float)) and 0.0 <= drop_path_rate < 1.0):
       raise ValueError(f"drop_path_rate must lie in [0, 1); got {drop_path_rate!r}.")
     if hard and not train:
@@ -590,8 +625,10 @@ class CoDiNet(nn.Module):
     imagenet = not is_cifar_variant(self.variant)
     tau_arr = jnp.asarray(tau, jnp.float32)
     thr_arr = jnp.asarray(0.5 if threshold is None else threshold, jnp.float32)
-    mode = dict(train=train, hard=hard, thresholded=(not train) and threshold is not None,
-                drop_path_rate=float(drop_path_rate) if train else 0.0)
+    thresholded = (not train) and threshold is not None
+    mode = dict(train=train, hard=hard, thresholded=thresholded,
+                drop_path_rate=float(drop_path_rate) if train else 0.0,
+                strategy=dispatch.resolve_strategy(strategy, x.shape[0]) if thresholded else "dense")
 
     y = Stem(self.width, imagenet, name="stem")(x, train=train)
     paths, weights, executed = [], [], []
