@@ -80,7 +80,8 @@ def parse_thresholds(text: str | Sequence[float] | None) -> list[float] | None:
   out = []
   for item in items:
     if isinstance(item, str) and not item.strip():
-      raise ValueError(f"--thresholds has an empty entry: {text!r} (write e.g. 0.5,0.8,1.0).")
+      raise ValueError(f"--thresholds has an empty entry: {text!r}; write numbers in (0, 1] "
+                       "separated by commas, e.g. 0.5,0.8,1.0.")
     out.append(evaluation.check_threshold(item.strip() if isinstance(item, str) else item,
                                           "--thresholds entry"))
   return out

@@ -92,7 +92,7 @@ def selection(report: dict[str, Any], path: str) -> str:
       ax.set_ylabel("connection", fontsize=7)
       ax.tick_params(axis="y", labelsize=6)
     fig.colorbar(im, ax=axes, shrink=0.8, label="branch selection ratio")
-    fig.suptitle(f"Branch selection ratio at T={report['threshold']:g}")
+    fig.suptitle(f"Branch selection ratio at T={report['threshold']:g}", y=1.03)
   else:
     ratio = np.asarray(s.get("run_ratio_per_block", []))
     fig, ax = plt.subplots(figsize=(max(4, 0.25 * ratio.size + 2), 3))
