@@ -345,7 +345,9 @@ def create_state(config, model, mesh, stage, sample_shape, rules):
   return abstract, shardings, lambda: init(init_key)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       metrics_callback: Callable[[int, dict[str, float]], None] | None = None
+                       ) -> dict[str, Any]:
   """Trains every stage the config asks for, evaluates, and returns the evaluation report.
 
   Resumes from the newest intact checkpoint in `workdir/checkpoints` when there is one.
@@ -353,6 +355,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Args:
     config: a config from `configs/` (see `config_lib.base_config`).
     workdir: directory for the resolved config, checkpoints, metrics and `eval/report.json`.
+    metrics_callback: optional `f(step, scalars)`, called on every process after every train step
+      with that step's metrics as Python floats (`scalars['loss/total']`, ...), one step late so
+      dispatch stays asynchronous. For tests and custom logging; the metric writer is unaffected.
 
   Returns:
     The evaluation report (also written to `workdir/eval/report.json`); with `config.dry_run` the
@@ -444,7 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            {"compile_seconds": compile_s})
       base_key_r = jax.device_put(base_key, replicated)
 
-      monitor = _StepMonitor(config, writer, stage, total_steps)
+      monitor = _StepMonitor(config, writer, stage, total_steps, metrics_callback)
       for step in range(max(start_step, stage.start), stage.end):
         local = input_pipeline.train_batch(train_ds, config.seed, step, config.train.global_batch_size,
                                            jax.process_index(), jax.process_count())
@@ -504,8 +509,9 @@ def _save(ckpt, step: int, state: TrainState, stage: Stage, config, force: bool 
 class _StepMonitor:
   """Checks each step's finiteness one step late (so dispatch stays asynchronous) and logs metrics."""
 
-  def __init__(self, config, writer, stage: Stage, total_steps: int):
+  def __init__(self, config, writer, stage: Stage, total_steps: int, callback=None):
     self.config, self.writer, self.stage, self.total_steps = config, writer, stage, total_steps
+    self.callback = callback
     self.pending = None
     self.last_time, self.last_step = time.time(), None
 
@@ -529,6 +535,8 @@ class _StepMonitor:
       if not config.train.skip_nonfinite_steps:
         raise NonFiniteError(_nonfinite_message(step, host))
       logging.warning("Skipped step %d: %s", step, _nonfinite_message(step, host).split(" (")[0])
+    if self.callback is not None:
+      self.callback(step, _host_scalars(metrics))
     if force or (step + 1) % config.log_every_steps == 0:
       host = _host_scalars(metrics)
       now = time.time()
