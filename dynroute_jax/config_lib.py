@@ -7,6 +7,7 @@ compiled and raises a ValueError naming the bad field and the allowed values.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
@@ -129,8 +130,28 @@ def _check_positive(value: Any, field: str, allow_zero: bool = False) -> None:
     raise ValueError(f"config.{field} must be a number {'>= 0' if allow_zero else '> 0'}; got {value!r}.")
 
 
+def check_known_fields(config: Any, reference: Any, prefix: str = "config") -> None:
+  """Raises on a field `reference` (the schema) does not have: a misspelled field would be ignored.
+
+  ConfigDicts accept new fields, so `c.train.skip_nonfinite_step = True` in a config file would
+  otherwise be silently unused. `config.model` is checked by the model's from_config.
+  """
+  for key in config.keys():
+    if prefix == "config" and key == "model":
+      continue
+    if key not in reference:
+      close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+      hint = f" Did you mean {prefix}.{close[0]}?" if close else ""
+      raise ValueError(f"Unknown config field {prefix}.{key}.{hint} The fields of {prefix} are: "
+                       f"{', '.join(sorted(reference.keys()))}.")
+    value, ref = config[key], reference[key]
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(ref, ml_collections.ConfigDict):
+      check_known_fields(value, ref, f"{prefix}.{key}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the fields every run reads. Model fields are checked by the model's from_config."""
+  check_known_fields(config, base_config())
   _check_choice(config.data.name, DATASETS, "data.name")
   _check_choice(config.train.optimizer, ("sgd", "nesterov"), "train.optimizer")
   _check_choice(config.eval.strategy, STRATEGIES, "eval.strategy")

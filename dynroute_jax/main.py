@@ -4,11 +4,17 @@
 
 Running the same command again with the same workdir resumes from the newest intact checkpoint.
 Config files are Python and run as code: only use config files you trust.
+
+Exit status: 0 when training and evaluation finished, and also after SIGTERM/SIGINT once the
+checkpoint of the current step is saved (rerun the same command to resume); 2 for a bad input
+(config, data, work directory, checkpoints), with a one-line message; 1 for a fault during
+training (non-finite loss, a failed save), likewise.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import app
 from absl import flags
@@ -28,9 +34,26 @@ def main(argv):
   # Multi-host set-up must come before any other JAX call.
   from dynroute_jax import distributed
   distributed.maybe_initialize(FLAGS.config.distributed)
+  from dynroute_jax import checkpoint as ckpt_lib
   from dynroute_jax import train
-  report = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    report = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.NonFiniteError, ckpt_lib.CheckpointSaveError) as e:
+    _fail(e, 1)
+  except (ValueError, OSError, ckpt_lib.CheckpointError) as e:
+    _fail(e, 2)
+  if report.get("preempted"):
+    logging.warning("Stopped by a signal; checkpoint step %d is saved. Rerun the same command to "
+                    "resume.", report["step"])
+    return
   logging.info("Report: %s", json.dumps(report, default=str)[:2000])
+
+
+def _fail(error: BaseException, status: int) -> None:
+  """Logs the traceback (for bug reports), then ends with the message alone as the last line."""
+  logging.info("Stopping on %s:", type(error).__name__, exc_info=error)
+  print(f"main: error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+  sys.exit(status)
 
 
 if __name__ == "__main__":

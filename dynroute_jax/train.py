@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -285,8 +286,30 @@ class _Preemption:
     return False
 
 
+def _prepare_workdir(workdir: str) -> None:
+  """Creates the work directory and checks that a file can be written there, before any compile."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+      pass
+  except OSError as e:
+    raise OSError(e.errno, f"Cannot write to work directory {workdir} ({e.strerror or e}). Choose "
+                  "another --workdir or fix its permissions; nothing was written.") from e
+
+
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the resolved config; a workdir holding another model's config is refused untouched."""
+  path = os.path.join(workdir, "config.json")
+  new = _check_config_json(config, workdir)
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _check_config_json(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Raises if workdir/config.json belongs to another model; returns the config as JSON data."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
@@ -301,11 +324,7 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"{old.get('model', {}).get('name')}/{old.get('model', {}).get('variant')} there, "
           f"{new['model'].get('name')}/{new['model'].get('variant')} now). Use a new --workdir; "
           "nothing was changed.")
-  if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+  return new
 
 
 def _metric_writer(workdir: str):
@@ -371,13 +390,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = models_base.build_model(config.model)  # Validates the model fields.
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.global_batch_size, mesh, jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
+  _prepare_workdir(workdir)
 
   train_ds = input_pipeline.load_dataset(config.data, config.data.train_split)
   test_ds = input_pipeline.load_dataset(config.data, config.data.eval_split)
   stages = plan_stages(config, len(train_ds))
   total_steps = stages[-1].end
   fingerprint = model_fingerprint(config)
+  # Both checks of the work directory's model come before config.json is written.
+  _check_config_json(config, workdir)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save, fingerprint=fingerprint)
   _save_config(config, workdir)
 
   rules = sharding.RULES[config.mesh.param_sharding]
@@ -387,8 +410,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   base_key = jax.random.key(config.seed)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save, fingerprint=fingerprint)
   writer = _metric_writer(workdir)
   start_step = 0
   state = None
@@ -472,6 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           preempted = True
           break
         if done % config.checkpoint.every_steps == 0 and done != stage.end:
+          monitor.flush()  # A non-finite step stops training before a checkpoint can include it.
           _save(ckpt, done, state, stage, config)
       if preempted:
         break
