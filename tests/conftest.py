@@ -1,0 +1,65 @@
+"""Shared test fixtures: quiet TensorFlow logging and a factory of tiny training configs."""
+
+import importlib.util
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config_module(name: str):
+  """configs/<name>.py as a module, whatever the working directory."""
+  spec = importlib.util.spec_from_file_location(f"_test_configs_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def make_tiny_config(model: str = "codinet", dataset: str = "digits", *, stage1_steps: int = 2,
+                     stage2_steps: int = 2, batch: int = 16, data_dir: str = ""):
+  """A shipped config shrunk to a few-second compile: same losses and stages, tiny widths.
+
+  model: 'codinet' (routed ResNet-8, width 4, 2 views, consistency/diversity/cost losses, stage 2
+    with frozen routers and hard decisions) or 'drnet' (3 cells of 1 node, 4 channels, drop-branch,
+    auxiliary head on 32x32 inputs).
+  dataset: 'digits' (8x8x1, offline) or 'cifar10' (32x32x3; use under tfds.testing.mock_data).
+  """
+  from dynroute_jax.models import codinet  # pylint: disable=g-import-not-at-top
+
+  if dataset == "digits":
+    c = load_config_module("digits").get_config(model)
+    if model == "codinet":
+      c.model = codinet.default_config("resnet8", num_classes=10, image_size=8, num_channels=1)
+  elif dataset == "cifar10":
+    c = (load_config_module("codinet_cifar10").get_config("resnet32") if model == "codinet"
+         else load_config_module("drnet_cifar10").get_config("S"))
+    if model == "codinet":
+      c.model.variant = "resnet8"
+      c.train.stage1.cost_weight = 0.1
+    c.data.autoaugment = False  # Not implemented: it would only log a warning.
+  else:
+    raise ValueError(f"unknown test dataset {dataset!r}")
+  if model == "codinet":
+    c.model.width = 4
+  else:
+    c.model.update(dict(variant="tiny", num_cells=3, init_channels=4, num_nodes=1,
+                        stem_multiplier=1))
+  c.data.data_dir = data_dir
+  c.train.global_batch_size = batch
+  c.train.stage1.steps = stage1_steps
+  c.train.stage2.steps = stage2_steps
+  c.eval.batch_size = 32
+  c.eval.thresholds = (c.eval.threshold,)
+  c.checkpoint.every_steps = 1000
+  c.log_every_steps = 1000
+  return c
+
+
+@pytest.fixture
+def tiny_config():
+  """The `make_tiny_config` factory."""
+  return make_tiny_config

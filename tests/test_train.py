@@ -1,0 +1,419 @@
+"""Training: end-to-end runs, overfitting, bitwise resume, sharding invariance, frozen routers, bad input.
+
+Every model is tiny (ResNet-8 of width 4, or a 3-cell DRNet of 1 node and 4 channels) so that the
+compile, which dominates on CPU, stays a few seconds per stage.
+"""
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynroute_jax import checkpoint as ckpt_lib
+from dynroute_jax import config_lib
+from dynroute_jax import distributed
+from dynroute_jax import evaluation
+from dynroute_jax import input_pipeline
+from dynroute_jax import sharding
+from dynroute_jax import train
+from dynroute_jax.models import base as models_base
+
+TESTS = pathlib.Path(__file__).resolve().parent
+REPO = TESTS.parent
+REPORT_KEYS = ("accuracy_all", "accuracy_routed", "macs_all", "macs_routed_mean", "params_all",
+               "thresholds", "step", "model", "variant", "dataset")
+
+
+def _flat(tree):
+  return {sharding.path_str(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _restore(workdir, step=None, items=("params", "batch_stats", "opt_state")):
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    restored, meta = ckpt.restore(step, items=items)
+  finally:
+    ckpt.close()
+  return {k: _flat(v) for k, v in restored.items()}, meta
+
+
+def _assert_bitwise_equal(a, b, what):
+  assert a.keys() == b.keys(), what
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, f"{what}: {k}"
+    assert np.array_equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+def _is_router(path):
+  return train.ROUTER_REGEX in path
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end through train_and_evaluate on mocked CIFAR-10.
+
+
+def _run_e2e(config, workdir):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  seen = []
+  with tfds.testing.mock_data(num_examples=16):
+    report = train.train_and_evaluate(config, str(workdir),
+                                      metrics_callback=lambda s, m: seen.append((s, m)))
+  return report, seen
+
+
+def _check_e2e(config, workdir, report, seen):
+  total = config.train.stage1.steps + config.train.stage2.steps
+  for k in REPORT_KEYS:
+    assert k in report, k
+  assert report["step"] == total and report["dataset"] == "cifar10"
+  for k in ("accuracy_all", "accuracy_routed", "macs_all", "macs_routed_mean"):
+    assert math.isfinite(report[k]), k
+  assert 0.0 <= report["accuracy_routed"] <= 1.0 and report["macs_routed_mean"] <= report["macs_all"]
+  # Every step reported once, with finite metrics and the stage's loss terms.
+  assert [s for s, _ in seen] == list(range(total))
+  for s, m in seen:
+    assert m["finite"] == 1.0, (s, m)
+    bad = {k: v for k, v in m.items() if not math.isfinite(v)}
+    assert not bad, (s, bad)
+  # Files: the resolved config, one checkpoint per stage end, the evaluation report.
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"] == config.model.to_dict()
+  assert saved["train"]["global_batch_size"] == config.train.global_batch_size
+  assert json.loads((workdir / "eval" / "report.json").read_text())["step"] == total
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  assert ckpt.all_steps() == [config.train.stage1.steps, total]
+  assert ckpt.latest_good_step() == total
+  assert ckpt.read_meta(total)["stage"] == 2
+  ckpt.close()
+  return dict(seen)
+
+
+@pytest.mark.slow
+def test_drnet_two_stages_end_to_end(tiny_config, tmp_path):
+  config = tiny_config("drnet", "cifar10", batch=8, data_dir=str(tmp_path / "tfds"))
+  assert config.model.aux_head and config.model.drop_branch_rate > 0
+  workdir = tmp_path / "run"
+  report, seen = _run_e2e(config, workdir)
+  metrics = _check_e2e(config, workdir, report, seen)
+  assert report["model"] == "drnet"
+  assert "loss/aux" in metrics[0] and "loss/resource" not in metrics[0]
+  assert "loss/resource" in metrics[3]  # Stage 2: DRNet-R-0.1.
+  assert metrics[0]["tau"] == 3.0 and metrics[3]["tau"] <= 1.0
+  assert all(f"branch_ratio/{k}" in metrics[0] for k in range(5))
+
+
+@pytest.mark.slow
+def test_codinet_two_stages_end_to_end(tiny_config, tmp_path):
+  config = tiny_config("codinet", "cifar10", batch=8, data_dir=str(tmp_path / "tfds"))
+  assert config.data.num_views == 2 and config.train.stage2.freeze_routers
+  workdir = tmp_path / "run"
+  report, seen = _run_e2e(config, workdir)
+  metrics = _check_e2e(config, workdir, report, seen)
+  assert report["model"] == "codinet"
+  for term in ("ce", "consistency", "diversity", "cost"):
+    assert f"loss/{term}" in metrics[0], term
+  assert "loss/consistency" not in metrics[3]
+  # Stage 2 froze the routers: bitwise the same at the end of stage 1 and after stage 2.
+  first, _ = _restore(workdir, 2, items=("params",))
+  last, _ = _restore(workdir, 4, items=("params",))
+  routers = [k for k in first["params"] if _is_router(k)]
+  assert routers
+  for k in routers:
+    np.testing.assert_array_equal(first["params"][k], last["params"][k], err_msg=k)
+  assert any(not np.array_equal(first["params"][k], last["params"][k])
+             for k in first["params"] if not _is_router(k))
+
+
+# ------------------------------------------------------------------------------------------------
+# One stage driven directly: create_state + make_train_step.
+
+
+def _direct(config, stage_index, num_train):
+  """(model, stage, state, jitted step) for `config` on one device, as train_and_evaluate builds them."""
+  model = models_base.build_model(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  stage = train.plan_stages(config, num_train)[stage_index - 1]
+  dc = config.data
+  shape = (1, dc.image_size, dc.image_size, dc.num_channels)
+  _, _, init = train.create_state(config, model, mesh, stage, shape,
+                                  sharding.RULES[config.mesh.param_sharding])
+  state = init()
+  tx = train.make_optimizer(config, stage, state.params)
+  step = jax.jit(train.make_train_step(config, model, stage, tx), donate_argnums=(0,))
+  return stage, state, step
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_fixed_batch(tiny_config):
+  config = tiny_config("codinet", "digits", batch=32)
+  config.model.width = 8
+  config.data.num_views = 1
+  config.data.crop_padding = 0  # The very same images every step.
+  config.train.weight_decay = 0.0
+  config.train.stage1 = config_lib.stage_config(steps=40, lr=0.05, lr_schedule="constant")
+  ds = input_pipeline.load_dataset(config.data, "train")
+  batch = input_pipeline.train_batch(ds, seed=0, step=0, global_batch_size=32)
+  _, state, step = _direct(config, 1, len(ds))
+  key = jax.random.key(0)
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch, key)
+    losses.append(float(metrics["loss/total"]))
+  assert all(map(math.isfinite, losses))
+  assert np.mean(losses[-3:]) < 0.25 * losses[0], losses
+  assert float(metrics["accuracy"]) >= 0.9, losses
+
+
+@pytest.mark.slow
+def test_codinet_stage2_freezes_routers(tiny_config):
+  config = tiny_config("codinet", "digits")
+  config.train.weight_decay = 1e-2  # Decay must not reach the routers either.
+  config.train.stage2.lr = 0.1
+  assert config.train.stage2.freeze_routers and config.train.stage2.hard_decisions
+  ds = input_pipeline.load_dataset(config.data, "train")
+  stage, state, step = _direct(config, 2, len(ds))
+  before = _flat(jax.device_get(state.params))
+  key = jax.random.key(1)
+  for s in range(stage.start, stage.start + 2):
+    state, metrics = step(state, input_pipeline.train_batch(ds, 0, s, 16), key)
+    assert bool(metrics["finite"])
+  after = _flat(jax.device_get(state.params))
+  routers = [k for k in before if _is_router(k)]
+  others = [k for k in before if not _is_router(k)]
+  assert routers and others
+  for k in routers:
+    np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+  # Weight decay alone moves every kernel that is not a router's.
+  for k in others:
+    if k.endswith("kernel"):
+      assert not np.array_equal(before[k], after[k]), k
+  # The frozen routers carry no optimizer state at all (optax.set_to_zero).
+  opt = _flat(state.opt_state)
+  assert opt and not any(_is_router(k) for k in opt if k.endswith(("kernel", "bias")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume: bitwise the same as an uninterrupted run.
+
+
+class _StopAt:
+  """Stands in for `distributed.any_process`: reports a stop signal at the `stop`-th step of a run.
+
+  On one process the trainer asks after every step, so the calls count the steps this run executed.
+  """
+
+  def __init__(self, stop=None):
+    self.stop, self.calls = stop, 0
+
+  def __call__(self, flag):
+    self.calls += 1
+    return bool(flag) or self.calls == self.stop
+
+
+def _train(config, workdir, monkeypatch, stop=None):
+  stopper = _StopAt(stop)
+  monkeypatch.setattr(distributed, "any_process", stopper)
+  report = train.train_and_evaluate(config, str(workdir))
+  return report, stopper.calls
+
+
+@pytest.fixture
+def no_eval(monkeypatch):
+  """Resume tests compare parameters: skip the evaluation and its compile."""
+  monkeypatch.setattr(evaluation, "evaluate_and_report",
+                      lambda config, model, variables, test_ds, mesh, workdir, **kw: {"step": kw["step"]})
+
+
+def _resume_config(tiny_config):
+  config = tiny_config("codinet", "digits", stage1_steps=3, stage2_steps=2)
+  config.train.stage1.drop_path_rate = 0.2  # Exercise every random stream.
+  return config
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_identical(tiny_config, tmp_path, monkeypatch, no_eval):
+  """Stops mid stage 1, resumes across the stage boundary, stops mid stage 2, resumes to the end."""
+  config = _resume_config(tiny_config)
+  reference = tmp_path / "reference"
+  report, calls = _train(config, reference, monkeypatch)
+  assert report["step"] == 5 and calls == 5
+  expected, _ = _restore(reference, 5)
+
+  workdir = tmp_path / "resumed"
+  report, calls = _train(config, workdir, monkeypatch, stop=2)
+  assert report == {"preempted": True, "step": 2} and calls == 2
+  # Stage 1 at step 2 -> stage boundary (fresh stage-2 optimizer, frozen routers) -> stopped at 4.
+  report, calls = _train(config, workdir, monkeypatch, stop=2)
+  assert report == {"preempted": True, "step": 4} and calls == 2
+  _, meta = _restore(workdir, 4, items=("params",))
+  assert meta["stage"] == 2
+  report, calls = _train(config, workdir, monkeypatch)  # Restores the stage-2 optimizer state.
+  assert report["step"] == 5 and calls == 1
+  got, _ = _restore(workdir, 5)
+  for item in ("params", "batch_stats", "opt_state"):
+    _assert_bitwise_equal(expected[item], got[item], item)
+  # The stage-1 checkpoint of both runs agrees too (the stop at 2 was mid stage, nothing forced).
+  ref3, _ = _restore(reference, 3)
+  got3, _ = _restore(workdir, 3)
+  _assert_bitwise_equal(ref3["params"], got3["params"], "params at step 3")
+
+
+@pytest.mark.slow
+def test_resume_at_stage_boundary_is_bitwise_identical(tiny_config, tmp_path, monkeypatch, no_eval):
+  """A one-stage run, then the same workdir with stage 2 added: the same as both stages at once."""
+  config = _resume_config(tiny_config)
+  reference = tmp_path / "reference"
+  _train(config, reference, monkeypatch)
+  expected, _ = _restore(reference, 5)
+
+  workdir = tmp_path / "resumed"
+  one_stage = config.copy_and_resolve_references()
+  one_stage.train.num_stages = 1
+  report, calls = _train(one_stage, workdir, monkeypatch)
+  assert report["step"] == 3 and calls == 3
+  report, calls = _train(config, workdir, monkeypatch)
+  assert report["step"] == 5 and calls == 2
+  got, _ = _restore(workdir, 5)
+  for item in ("params", "batch_stats", "opt_state"):
+    _assert_bitwise_equal(expected[item], got[item], item)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1 device against 8 fake CPU devices.
+
+_DEVICES_SCRIPT = textwrap.dedent("""
+    import json, os, sys, tempfile
+    sys.path.insert(0, {tests!r})
+    import jax
+    from conftest import make_tiny_config
+    from dynroute_jax import evaluation, train
+    evaluation.evaluate_and_report = lambda *a, **k: {{}}
+    out = {{"devices": jax.device_count(), "threefry_partitionable": jax.config.jax_threefry_partitionable}}
+    config = make_tiny_config("codinet", "digits", stage1_steps=3, batch=16)
+    config.train.num_stages = 1
+    config.train.stage1.drop_path_rate = 0.2
+    if jax.device_count() > 1:
+      bad = config.copy_and_resolve_references()
+      bad.train.global_batch_size = 12
+      try:
+        train.train_and_evaluate(bad, os.path.join(tempfile.mkdtemp(), "bad"))
+      except ValueError as e:
+        out["indivisible_error"] = str(e)
+    losses = {{}}
+    train.train_and_evaluate(config, tempfile.mkdtemp(),
+                             metrics_callback=lambda s, m: losses.update({{s: m["loss/total"]}}))
+    out["losses"] = [losses[s] for s in sorted(losses)]
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def _run_devices(n, tmp_path):
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+  proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT.format(tests=str(TESTS))],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_one_device_and_eight_fake_devices_give_the_same_losses(tmp_path):
+  one = _run_devices(1, tmp_path)
+  eight = _run_devices(8, tmp_path)
+  assert one["devices"] == 1 and eight["devices"] == 8
+  # Random bits (augmentation, Gumbel noise, drop-path) must not depend on how arrays are sharded.
+  assert eight["threefry_partitionable"]
+  assert len(one["losses"]) == len(eight["losses"]) == 3
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5, atol=0)
+  # Bad input before compiling: 12 examples cannot be split over 8 devices.
+  msg = eight["indivisible_error"]
+  assert "global_batch_size=12" in msg and "8" in msg
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input, refused before anything is compiled or written.
+
+
+def test_unknown_dataset_is_refused_before_anything_is_written(tiny_config, tmp_path):
+  config = tiny_config("codinet", "digits")
+  config.data.name = "mnist"
+  with pytest.raises(ValueError, match="data.name"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_misspelled_config_field_is_refused(tiny_config, tmp_path):
+  # A locked config (what main's --config flag gives) refuses a misspelled field at once ...
+  config = tiny_config("codinet", "digits")
+  config.lock()
+  with pytest.raises(AttributeError, match="global_batch_sizee"):
+    config.train.global_batch_sizee = 8
+  config.train.global_batch_size = 8  # ... and takes the right one.
+  # ... and so do the command-line overrides of main's flag.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  path = str(REPO / "configs" / "digits.py")
+
+  def parse(*overrides):
+    argv = ["main", f"--config={path}:codinet", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+  assert parse("--config.train.stage1.steps=3").train.stage1.steps == 3
+  with pytest.raises(Exception, match="stepz"):
+    parse("--config.train.stage1.stepz=3")
+  # An unlocked config with a misspelled field is refused by train_and_evaluate, nothing written.
+  config = tiny_config("codinet", "digits")
+  config.train.skip_nonfinite_step = True
+  with pytest.raises(ValueError, match="skip_nonfinite_step"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def _snapshot(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(dirpath, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, root)] = (os.stat(p).st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
+  return out
+
+
+def _other_model_workdir(tiny_config, workdir, with_config_json):
+  """A workdir holding a DRNet run's checkpoint (and config.json)."""
+  other = tiny_config("drnet", "digits")
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False,
+                               fingerprint=train.model_fingerprint(other))
+  ckpt.save(3, params={"w": np.zeros((2,), np.float32)}, meta={"stage": 1, "model": "drnet"})
+  ckpt.close()
+  if with_config_json:
+    (workdir / "config.json").write_text(other.to_json_best_effort())
+
+
+@pytest.mark.parametrize("with_config_json", [True, False])
+def test_workdir_of_another_model_is_refused_untouched(tiny_config, tmp_path, with_config_json):
+  workdir = tmp_path / "run"
+  _other_model_workdir(tiny_config, workdir, with_config_json)
+  before = _snapshot(workdir)
+  config = tiny_config("codinet", "digits")
+  with pytest.raises((ValueError, ckpt_lib.CheckpointError), match="(?i)model"):
+    train.train_and_evaluate(config, str(workdir))
+  assert _snapshot(workdir) == before
