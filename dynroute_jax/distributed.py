@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -154,6 +155,20 @@ def initialize_kwargs(dist_config: Any, env: Mapping[str, str] | None = None) ->
   return kwargs
 
 
+def startup_message(kwargs: Mapping[str, Any]) -> str:
+  """The line printed before `jax.distributed.initialize` blocks, naming what it waits for."""
+  unset = "from the cluster environment"
+  coordinator = kwargs.get("coordinator_address", unset)
+  n = kwargs.get("num_processes", unset)
+  pid = kwargs.get("process_id", unset)
+  timeout = kwargs["initialization_timeout"]
+  return (f"jax.distributed.initialize: process {pid} of {n}, coordinator {coordinator}; waiting up "
+          f"to {timeout} s (config.distributed.initialization_timeout) for all processes to "
+          f"connect. If this process then aborts (SIGABRT, exit status 134), a peer never started, "
+          f"crashed, or cannot reach the coordinator, or the processes disagree on "
+          f"coordinator_address / num_processes.")
+
+
 _initialized = False
 
 
@@ -168,11 +183,42 @@ def maybe_initialize(dist_config: Any, env: Mapping[str, str] | None = None) -> 
     return _initialized
   _log.info("jax.distributed.initialize(%s) [detected: %s]", kwargs,
             detect_cluster(os.environ if env is None else env) or "config")
+  # Printed, not only logged, and flushed: when a peer never connects, the JAX runtime aborts this
+  # process (SIGABRT, which Python cannot catch) after the timeout, and this line is all the user
+  # gets to explain it.
+  print(startup_message(kwargs), file=sys.stderr, flush=True)
   jax.distributed.initialize(**kwargs)
   _initialized = True
+  check_process_count(dist_config.num_processes)
   _log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
             jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def check_process_count(num_processes: int) -> None:
+  """Raises ValueError on EVERY process when the processes' num_processes settings disagree.
+
+  `jax.distributed.initialize` does not compare them: the coordinator (process 0) waits for its own
+  count, and a process configured with another count joins anyway and runs with the coordinator's,
+  silently. So after initializing, every process shares its setting (one tiny collective) and all
+  raise the same error. 0 means "from the cluster environment" and is not compared.
+  """
+  count = jax.process_count()
+  if count == 1:
+    if num_processes > 1:
+      raise ValueError(f"config.distributed.num_processes={num_processes}, but this process runs "
+                       f"alone (jax.process_count() == 1).")
+    return
+  import numpy as np
+  from jax.experimental import multihost_utils
+  configured = np.asarray(multihost_utils.process_allgather(
+      np.asarray([num_processes], np.int32))).reshape(-1)
+  if any(n not in (0, count) for n in configured):
+    per_process = ", ".join(f"process {i}: {int(n)}" for i, n in enumerate(configured))
+    raise ValueError(
+        f"The processes disagree on config.distributed.num_processes ({per_process}; 0 = from the "
+        f"environment), and {count} processes joined the coordinator. Start every process with the "
+        f"same num_processes and coordinator_address. Nothing was compiled or written.")
 
 
 def any_process(flag: bool) -> bool:
