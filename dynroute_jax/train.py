@@ -424,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         "opt_state": abstract.opt_state}, shardings={
         "params": shardings.params, "batch_stats": shardings.batch_stats,
         "opt_state": shardings.opt_state})
-    state = TrainState(step=jax.device_put(jnp.asarray(restored_step, jnp.int32), replicated),
+    state = TrainState(step=_replicated(lambda: jnp.asarray(restored_step, jnp.int32), replicated),
                        params=items["params"], batch_stats=items["batch_stats"],
                        opt_state=items["opt_state"])
     start_step = restored_step
@@ -468,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return report
       writer.write_scalars(stage.start if start_step < stage.start else start_step,
                            {"compile_seconds": compile_s})
-      base_key_r = jax.device_put(base_key, replicated)
+      base_key_r = _replicated(lambda: jax.random.key(config.seed), replicated)
 
       monitor = _StepMonitor(config, writer, stage, total_steps, metrics_callback)
       for step in range(max(start_step, stage.start), stage.end):
@@ -519,6 +519,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer.flush()
   ckpt.close()
   return report
+
+
+def _replicated(make: Callable[[], Array], sharding: jax.sharding.Sharding) -> Array:
+  """`make()`'s value, replicated on every device of every process.
+
+  `jax.device_put(value, sharding)` refuses a sharding that spans other processes' devices
+  (multi-host); a jitted computation with `out_shardings` works with one process or many.
+  """
+  return jax.jit(make, out_shardings=sharding)()
 
 
 def _save(ckpt, step: int, state: TrainState, stage: Stage, config, force: bool = False) -> None:
