@@ -423,7 +423,10 @@ def evaluate_and_report(config, model: nn.Module, variables: PyTree, test_ds, me
   dc = config.data
   site_shape = _site_shape(model, dc)
   predict_all = make_predict_fn(model, dc, tau=tau, routed=False)
-  predict_routed = make_predict_fn(model, dc, tau=tau, routed=True, strategy=strategy)
+  # With instance awareness the routed function also takes the noise level (0 = clean, exactly),
+  # so the noisy passes reuse its compilation.
+  predict_routed = make_predict_fn(model, dc, tau=tau, routed=True, strategy=strategy,
+                                   noise=instance_awareness)
   res_all = run_dataset(predict_all, variables, test_ds, dc, mesh, bs, None)
   macs_all = float(np.mean(res_all["macs"]))
   all_summary = summarize(res_all, macs_all)
@@ -480,8 +483,7 @@ def evaluate_and_report(config, model: nn.Module, variables: PyTree, test_ds, me
     report["budget"] = budget
 
   if instance_awareness:
-    predict_noisy = make_predict_fn(model, dc, tau=tau, routed=True, strategy=strategy, noise=True)
-    noisy = {float(s): run_dataset(predict_noisy, variables, test_ds, dc, mesh, bs, t_default,
+    noisy = {float(s): run_dataset(predict_routed, variables, test_ds, dc, mesh, bs, t_default,
                                    noise_std=float(s))
              for s in noise_stds}
     report["instance_awareness"] = {
