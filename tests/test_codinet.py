@@ -34,7 +34,8 @@ def _images(seed=0, batch=B, size=TINY["image_size"]):
 @functools.lru_cache(maxsize=None)
 def _init(scan=True, **overrides):
   model = _model(scan, **overrides)
-  variables = jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x, train=False))(_images())
+  init = jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x, train=False))
+  variables = init(_images())
   return model, variables
 
 
@@ -162,6 +163,11 @@ class ForwardTest(parameterized.TestCase):
                                            rngs={"routing": k, "dropout": k},
                                            mutable=["batch_stats"]))(jax.random.key(0))
     chex.assert_tree_all_finite(out.logits)
+    # The trainer ramps the rate: a traced value must work too.
+    out_t, _ = jax.jit(lambda k, r: model.apply(variables, _images(), train=True, drop_path_rate=r,
+                                                rngs={"routing": k, "dropout": k},
+                                                mutable=["batch_stats"]))(jax.random.key(0), 0.5)
+    np.testing.assert_allclose(out_t.logits, out.logits, rtol=1e-5, atol=1e-5)
 
 
 class SkipSemanticsTest(parameterized.TestCase):

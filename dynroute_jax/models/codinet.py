@@ -277,7 +277,8 @@ class Projection(nn.Module):
 
 
 def option_a_shortcut(x: Array, features: int, stride: int) -> Array:
-  """Parameter-free CIFAR ResNet shortcut: subsample by `stride`, zero-pad channels to `features`."""
+  """Parameter-free CIFAR ResNet shortcut: subsample by `stride`, zero-pad channels to `features`.
+  """
   if stride > 1:
     x = x[:, ::stride, ::stride, :]
   extra = features - x.shape[-1]
@@ -368,7 +369,8 @@ class BlockSpec:
 def _module_costs(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, int]:
   """(MACs, params) per example of an unbound module on one input of `in_shape` (no batch)."""
   shape = (1, *in_shape)
-  kwargs = {"train": False} if isinstance(module, (BasicBody, BottleneckBody, Projection, Stem)) else {}
+  takes_train = isinstance(module, (BasicBody, BottleneckBody, Projection, Stem))
+  kwargs = {"train": False} if takes_train else {}
   return (costs.module_macs(module, shape, **kwargs), costs.module_params(module, shape, **kwargs))
 
 
@@ -448,7 +450,7 @@ class RoutedBlock(nn.Module):
   train: bool
   hard: bool
   thresholded: bool
-  drop_path_rate: float = 0.0
+  drop_path: bool = False  # training only; the rate is a call argument (may be traced).
   strategy: str = "dense"
 
   def _dispatched(self, x: Array, executed: Array) -> Array:
@@ -483,7 +485,7 @@ class RoutedBlock(nn.Module):
     return dispatch.select_apply(run, x, executed, skipped, strategy=self.strategy)
 
   @nn.compact
-  def __call__(self, x: Array, tau: Array, threshold: Array):
+  def __call__(self, x: Array, tau: Array, threshold: Array, drop_rate: Array | float = 0.0):
     logits = Router(self.router_hidden, self.router_activation, name="router")(x)
     relaxed = self.train and not self.hard
     if relaxed:
@@ -513,8 +515,8 @@ class RoutedBlock(nn.Module):
 
     body_cls = BottleneckBody if self.bottleneck else BasicBody
     res = body_cls(self.features, self.stride, name="body")(x, train=self.train)
-    if self.train and self.drop_path_rate > 0.0:
-      keep = 1.0 - self.drop_path_rate
+    if self.train and self.drop_path:
+      keep = 1.0 - drop_rate
       mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],))
       res = res * (mask.astype(res.dtype) / keep)[:, None, None, None]
     run = nn.relu(res + sc)
@@ -545,8 +547,8 @@ class _ScanBody(nn.Module):
   block_kwargs: Any
 
   @nn.compact
-  def __call__(self, x, tau, threshold):
-    return RoutedBlock(**dict(self.block_kwargs), name="block")(x, tau, threshold)
+  def __call__(self, x, tau, threshold, drop_rate):
+    return RoutedBlock(**dict(self.block_kwargs), name="block")(x, tau, threshold, drop_rate)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -561,8 +563,8 @@ class CoDiNet(nn.Module):
   strategy='dense', hard=False, rngs=..., mutable=...)` with x: [B, H, W, C] float.
 
   * train=True, hard=False (stage 1): Gumbel-relaxed decisions v (rng stream 'routing'), batch
-    statistics (mutable=['batch_stats']), drop-path on residual branches (stream 'dropout') if
-    drop_path_rate > 0.
+    statistics (mutable=['batch_stats']), drop-path on residual branches (stream 'dropout') unless
+    drop_path_rate is a Python 0 (a traced, ramped rate is fine).
   * train=True, hard=True (stage 2 fine-tuning, routers frozen by the trainer): deterministic hard
     decisions u = 1[v >= (threshold or 0.5)] in the forward pass, straight-through gradients;
     no 'routing' rng needed. `executed` = u.
@@ -614,7 +616,8 @@ class CoDiNet(nn.Module):
       routing.check_threshold(threshold)
     if strategy not in dispatch.STRATEGIES:
       raise ValueError(f"strategy must be one of {dispatch.STRATEGIES}; got {strategy!r}.")
-    if not (isinstance(drop_path_rate, (int, float)) and 0.0 <= drop_path_rate < 1.0):
+    static_rate = isinstance(drop_path_rate, (int, float))
+    if static_rate and not 0.0 <= drop_path_rate < 1.0:
       raise ValueError(f"drop_path_rate must lie in [0, 1); got {drop_path_rate!r}.")
     if hard and not train:
       raise ValueError("hard=True is a training mode (stage-2 fine-tuning); inference already "
@@ -625,10 +628,12 @@ class CoDiNet(nn.Module):
     imagenet = not is_cifar_variant(self.variant)
     tau_arr = jnp.asarray(tau, jnp.float32)
     thr_arr = jnp.asarray(0.5 if threshold is None else threshold, jnp.float32)
+    drop_arr = jnp.asarray(drop_path_rate, jnp.float32)
     thresholded = (not train) and threshold is not None
     mode = dict(train=train, hard=hard, thresholded=thresholded,
-                drop_path_rate=float(drop_path_rate) if train else 0.0,
-                strategy=dispatch.resolve_strategy(strategy, x.shape[0]) if thresholded else "dense")
+                drop_path=train and not (static_rate and drop_path_rate == 0.0),
+                strategy=(dispatch.resolve_strategy(strategy, x.shape[0]) if thresholded
+                          else "dense"))
 
     y = Stem(self.width, imagenet, name="stem")(x, train=train)
     paths, weights, executed = [], [], []
@@ -641,13 +646,14 @@ class CoDiNet(nn.Module):
                     shortcut=spec.shortcut, skip=spec.skip, **mode)
       group = [s for s in specs[i:] if s.site == spec.site]
       if len(group) == 1:
-        y, (v, w, e) = RoutedBlock(**kwargs, name=spec.site)(y, tau_arr, thr_arr)
+        y, (v, w, e) = RoutedBlock(**kwargs, name=spec.site)(y, tau_arr, thr_arr, drop_arr)
         paths.append(v[:, None]); weights.append(w[:, None]); executed.append(e[:, None])
       else:
         scan = nn.scan(_ScanBody, variable_axes={"params": 0, "batch_stats": 0},
                        split_rngs={"params": True, "routing": True, "dropout": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=len(group))
-        y, (v, w, e) = scan(tuple(sorted(kwargs.items())), name=spec.site)(y, tau_arr, thr_arr)
+                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=len(group))
+        y, (v, w, e) = scan(tuple(sorted(kwargs.items())), name=spec.site)(
+            y, tau_arr, thr_arr, drop_arr)
         paths.append(v.T); weights.append(w.T); executed.append(e.T)
       i += len(group)
 
@@ -670,7 +676,7 @@ class CoDiNet(nn.Module):
 def _cost_summary(variant: str, width: int, router_hidden: int, router_activation: str,
                   skip_downsample: str, num_classes: int,
                   in_shape: tuple[int, int, int]) -> CostSummary:
-  """Per-example costs of every part, each from `costs.module_macs`/`module_params` of its module."""
+  """Per-example costs of every part, from `costs.module_macs` / `module_params` of its module."""
   imagenet = not is_cifar_variant(variant)
   specs = _block_specs(variant, width, router_hidden, skip_downsample, False, in_shape[:2])
   stem_m, stem_p = _module_costs(Stem(width, imagenet, parent=None), in_shape)
