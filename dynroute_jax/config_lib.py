@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.train = ml_collections.ConfigDict(dict(
+      # Images per step over all devices; with data.num_views = M a step sees M x this many views.
       global_batch_size=128,
       optimizer="sgd",        # 'sgd' (momentum) or 'nesterov'.
       momentum=0.9,

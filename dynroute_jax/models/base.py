@@ -13,6 +13,8 @@ strategy='dense')` returns a `ModelOutput`:
     reach T (`routing.threshold_select`), CoDiNet runs a block iff v >= T (0.5 in the paper).
     `strategy` picks how skipped work is avoided (`dynroute_jax.dispatch`); 'dense' computes
     everything and masks, which is the reference the other strategies must match.
+  * CoDiNet only: train=True, hard=True is stage 2's fine-tuning: the noise-free hard decisions of
+    inference, with a straight-through gradient.
 """
 
 from __future__ import annotations
