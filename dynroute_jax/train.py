@@ -261,11 +261,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: 
 
 
 class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries (main thread only)."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries (main thread only).
 
-  def __init__(self):
+  `on_error` runs when the block ends with an exception (a second Ctrl-C excepted): training
+  passes the checkpointer's close, so a save still in flight completes with its manifest.
+  """
+
+  def __init__(self, on_error: Callable[[], None] | None = None):
     self.signum = None
     self._old = {}
+    self._on_error = on_error
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -280,9 +285,15 @@ class _Preemption:
     logging.warning("Received signal %d: saving a checkpoint at the next step boundary.", signum)
     self.signum = signum
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, exc, tb):
     for s, h in self._old.items():
       signal.signal(s, h)
+    if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt) and self._on_error:
+      try:
+        self._on_error()
+      except Exception:  # pylint: disable=broad-except
+        logging.exception("While stopping on %s, finishing the last checkpoint failed:",
+                          exc_type.__name__)
     return False
 
 
@@ -431,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("Resumed from step %d (stage %d).", restored_step, stage.index)
 
   preempted = False
-  with _Preemption() as preemption:
+  with _Preemption(on_error=ckpt.close) as preemption:
     for stage in stages:
       if start_step >= stage.end:
         continue
