@@ -313,6 +313,17 @@ class Checkpointer:
           self.directory, item_handlers=handlers, options=options)
     return self._manager
 
+  def _open_on_every_process(self) -> None:
+    """Creates the orbax manager now, on every process, when the directory exists.
+
+    Constructing an orbax CheckpointManager is a collective (it synchronises all processes after
+    writing its root metadata). Code that runs on process 0 alone (verification before a
+    broadcast) must therefore never be the first to create it, or process 0 waits in that barrier
+    while the others wait in the broadcast: every process calls this first.
+    """
+    if self._manager is None and os.path.isdir(self.directory):
+      self._get_manager()
+
   def __enter__(self) -> "Checkpointer":
     return self
 
@@ -376,6 +387,7 @@ class Checkpointer:
     With several processes, process 0 verifies and the others take its answer.
     """
     self.wait_until_finished()
+    self._open_on_every_process()
     found = -1
     if _is_primary():
       for step in reversed(self.all_steps()):
@@ -463,6 +475,7 @@ class Checkpointer:
     decision, problems = 0, []
     if os.path.isdir(self.directory):
       self.check_compatible(self.fingerprint)
+      self._open_on_every_process()
       if _is_primary() and step in self.all_steps():
         problems = self.verify(step)
         decision = 2 if problems else 1
