@@ -20,11 +20,9 @@ Eval temperature: the router temperature of the checkpoint's step, recomputed fr
 schedule of the stage the checkpoint belongs to (for a finished run: the temperature training ended
 with, as the end-of-training evaluation uses). Recorded as `eval_tau`.
 
-Calibration split: `input_pipeline.split_calibration(train, config.data.calibration_fraction,
-config.seed)`. It is held out from training only if the run's training excluded it; the report
-records `budget.calibration_held_out_from_training` (the trainer currently trains on the whole
-train split, so the budget's calibration MACs are measured on images seen in training: routing
-costs transfer well, accuracies would not, which is why only MACs are read there).
+Calibration split: `train.training_splits(config)`, the share config.data.calibration_fraction of
+the train split that training holds out (a pure function of the config and seed), so budget mode
+picks its threshold on images the model has never seen.
 """
 
 from __future__ import annotations
@@ -96,7 +94,7 @@ def eval_temperature(config: ml_collections.ConfigDict, step: int, stage_index: 
     # The stage whose range (start, end] holds the step; the last one past the end.
     stage_index = next((s.index for s in stages if s.start < step <= s.end), stages[-1].index)
   stage = stages[int(stage_index) - 1]
-  return float(train.tau_schedule(stage)(step)), stage.index
+  return train.final_tau(stage, step), stage.index
 
 
 def _eval_mesh():
@@ -184,14 +182,13 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
         f"{config.model.name}/{config.model.get('variant', '')} has fingerprint {expected}.")
   _check_params_match(model, config, restored.params, restored.batch_stats, ckpt_step, workdir)
 
-  train_ds = input_pipeline.load_dataset(config.data, config.data.train_split)
+  train_ds, held_out = train.training_splits(config)
   test_ds = input_pipeline.load_dataset(config.data, config.data.eval_split)
   tau, stage = eval_temperature(config, ckpt_step, meta.get("stage"), len(train_ds))
   calibration_ds = None
   if target_macs is not None:
-    _, calibration_ds = input_pipeline.split_calibration(
-        train_ds, float(config.data.calibration_fraction), int(config.seed))
-    if len(calibration_ds) == 0:
+    calibration_ds = held_out
+    if calibration_ds is None or len(calibration_ds) == 0:
       raise EvaluationSetupError(
           f"config.data.calibration_fraction={config.data.calibration_fraction} leaves no "
           "calibration examples for --target_macs.")
@@ -207,7 +204,7 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
       tsne_max_points=tsne_max_points, extra=extra,
       # The trainer trains on the whole train split; see the module docstring.
       calibration_info={"calibration_fraction": float(config.data.calibration_fraction),
-                        "calibration_held_out_from_training": False})
+                        "calibration_held_out_from_training": True})
   return report
 
 

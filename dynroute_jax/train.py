@@ -102,6 +102,24 @@ def plan_stages(config: ml_collections.ConfigDict, num_train_examples: int) -> l
   return stages
 
 
+def training_splits(config: ml_collections.ConfigDict):
+  """(train, calibration) datasets: a held-out calibration share of the train split is never trained on.
+
+  The split is a pure function of (config.data, config.seed), so `evaluate` rebuilds the same one for
+  budget mode. calibration is None when config.data.calibration_fraction is 0.
+  """
+  full = input_pipeline.load_dataset(config.data, config.data.train_split)
+  if config.data.calibration_fraction <= 0:
+    return full, None
+  return input_pipeline.split_calibration(full, float(config.data.calibration_fraction),
+                                          int(config.seed))
+
+
+def final_tau(stage: Stage, step: int) -> float:
+  """The router temperature of the last step that ran before `step` (what evaluation uses)."""
+  return float(tau_schedule(stage)(max(min(step, stage.end) - 1, stage.start)))
+
+
 def lr_schedule(stage: Stage) -> optax.Schedule:
   """The stage's learning rate as a function of the step within the stage."""
   cfg, n, spe = stage.cfg, max(stage.num_steps, 1), stage.steps_per_epoch
@@ -403,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sharding.check_batch(config.train.global_batch_size, mesh, jax.process_count())
   _prepare_workdir(workdir)
 
-  train_ds = input_pipeline.load_dataset(config.data, config.data.train_split)
+  train_ds, _ = training_splits(config)
   test_ds = input_pipeline.load_dataset(config.data, config.data.eval_split)
   stages = plan_stages(config, len(train_ds))
   total_steps = stages[-1].end
@@ -523,7 +541,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   report = evaluation.evaluate_and_report(config, model, {"params": state.params,
                                                           "batch_stats": state.batch_stats},
                                           test_ds, mesh, workdir,
-                                          tau=float(tau_schedule(stages[-1])(stages[-1].end)),
+                                          tau=final_tau(stages[-1], stages[-1].end),
                                           step=int(jax.device_get(state.step)))
   writer.write_scalars(total_steps, {f"eval/{k}": v for k, v in report.items()
                                      if isinstance(v, (int, float))})
