@@ -91,7 +91,6 @@ def base_config() -> ml_collections.ConfigDict:
       threshold=0.8,           # DRNet T (CoDiNet: run iff v >= threshold, 0.5 in the paper).
       thresholds=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
       strategy="auto",         # see dispatch.STRATEGIES; 'auto' = measured per-platform default.
-      gumbel_noise=False,      # DRNet: evaluate with noise-free router softmax (our default).
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(

@@ -414,9 +414,6 @@ def evaluate_and_report(config, model: nn.Module, variables: PyTree, test_ds, me
     target_macs = check_target_macs(target_macs)
     if calibration_ds is None:
       raise ValueError("target_macs needs a calibration split (calibration_ds).")
-  if config.eval.get("gumbel_noise", False):
-    logging.warning("config.eval.gumbel_noise=True is not supported by this evaluation: routing "
-                    "is evaluated noise-free (softmax of the router logits at eval_tau).")
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put(variables, replicated)
   bs = config.eval.batch_size
