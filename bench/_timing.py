@@ -1,0 +1,56 @@
+"""Timing helpers shared by the benchmarks: interleaved rounds and same-round ratios.
+
+On a shared machine the load drifts by several x over minutes, so the variants of one comparison
+are timed in rounds (every variant once per round, in a shuffled order) and compared through the
+median of their same-round ratios to a reference variant, plus the ratio of their fastest runs
+(the least disturbed ones).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int,
+                      rng: np.random.Generator, warmup: bool = True) -> dict[str, list[float]]:
+  """Seconds per call of each `fns[name]()` over `repeats` rounds, each round in a shuffled order.
+
+  Each call's result is waited for (`jax.block_until_ready`). `warmup` runs every function once
+  first, untimed.
+  """
+  names = list(fns)
+  if warmup:
+    for name in names:
+      jax.block_until_ready(fns[name]())
+  times = {name: [] for name in names}
+  for _ in range(repeats):
+    for i in rng.permutation(len(names)):
+      name = names[i]
+      t0 = time.perf_counter()
+      jax.block_until_ready(fns[name]())
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def speedups(times: Mapping[str, list[float]], ref: str = "dense"
+             ) -> dict[str, tuple[float, float, float]]:
+  """name -> (median seconds, median same-round ratio ref / name, fastest ref / fastest name).
+
+  The ratios are NaN when `ref` was not timed.
+  """
+  out = {}
+  for name, t in times.items():
+    t = np.asarray(t, np.float64)
+    med = float(np.median(t))
+    if ref in times:
+      r = np.asarray(times[ref], np.float64)
+      paired = float(np.median(r / t))
+      best = float(r.min() / t.min())
+    else:
+      paired = best = float("nan")
+    out[name] = (med, paired, best)
+  return out

@@ -1,0 +1,476 @@
+"""Inference benchmark on the real routed models: each dispatch strategy against dense masking.
+
+For each model, batch size B and routing level p (the fraction of the routed MACs that run), every
+strategy of `dynroute_jax.dispatch` runs the model's thresholded inference (`train=False,
+threshold=T, strategy=...`) on the same inputs and variables, and
+
+  speedup    = dense-masked time / strategy time (median over rounds of the same-round ratio)
+  ideal      = MACs with every branch / MACs executed, both from the model's own tables
+               (`ModelOutput.macs_fixed + sum(macs_table)` and `ModelOutput.executed_macs`,
+               summed over the batch; fixed parts such as stems, routers, heads included)
+  efficiency = speedup / ideal  (eff_best: the same from the fastest run of each)
+
+Models:
+  r110            CoDiNet routed ResNet-110 (configs/codinet_cifar10.py:resnet110), 32x32x3 inputs.
+  drnet_s         DRNet S (configs/drnet_cifar10.py:S), 32x32x3 inputs.
+  digits_codinet  the trained digits models (configs/digits.py:codinet / :drnet, 8x8x1 test
+  digits_drnet    images) with their real routers; pass their work directories.
+
+r110 and drnet_s use random weights and controlled decisions (see `calibrate_codinet` and
+`calibrate_drnet`): the routers' last dense layer is rewritten so that each routed unit runs for
+a per-example pseudo-random fraction p of the inputs (decisions still come from the model's own
+routers, on the actual activations). The digits models use their trained routers; the threshold
+is chosen by bisection on the test split to give the target fraction of the routed MACs (the
+nearest reachable fraction when the target is not reachable; printed as `frac`).
+
+Batch 1 runs the example (of the calibration pool / test split) whose executed fraction is
+closest to the target. Every strategy's logits and decisions are checked against 'dense'
+(`dlogit` = max |difference|, `agree` = fraction of equal decisions).
+
+Timings are interleaved (`bench/_timing.py`): every strategy once per round, shuffled; medians.
+
+  python bench/inference.py                                   # everything (slow on a small CPU)
+  python bench/inference.py --models r110 --batch 256 --fractions 0.5 --repeats 3 \
+      --strategies dense chunk compact
+  python bench/inference.py --models digits_codinet digits_drnet \
+      --digits_codinet_workdir runs/digits_codinet --digits_drnet_workdir runs/digits_drnet
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dynroute_jax import dispatch  # noqa: E402
+from dynroute_jax.models import base as models_base  # noqa: E402
+from dynroute_jax.models import codinet as codinet_lib  # noqa: E402
+from dynroute_jax.models import drnet as drnet_lib  # noqa: E402
+
+import _timing  # noqa: E402
+
+MODELS = ("r110", "drnet_s", "digits_codinet", "digits_drnet")
+STRATEGIES = ("dense", "batch_cond", "per_example", "compact", "chunk")
+SEPCONV = [drnet_lib.BRANCHES.index("sep_conv_3x3"), drnet_lib.BRANCHES.index("sep_conv_5x5")]
+
+
+# ------------------------------------------------------------------------------------------------
+# The model under test.
+# ------------------------------------------------------------------------------------------------
+
+
+class Bench:
+  """A model, its variables per routing level, inputs and the threshold/tau to run it at."""
+
+  def __init__(self, name: str, model: Any, kind: str, image_shape: tuple[int, int, int],
+               tau: float):
+    self.name, self.model, self.kind, self.image_shape, self.tau = name, model, kind, image_shape, tau
+    self._fns: dict[tuple, Callable] = {}
+
+  def apply_fn(self, strategy: str, thresholded: bool, capture: bool = False) -> Callable:
+    """jit(variables, x, threshold) -> dict of logits, executed [B, S], path, executed_macs."""
+    key = (strategy, thresholded, capture)
+    if key not in self._fns:
+      def f(variables, x, threshold):
+        kwargs = dict(train=False, tau=self.tau, threshold=threshold if thresholded else None,
+                      strategy=strategy)
+        if capture:
+          out, state = self.model.apply(
+              variables, x, capture_intermediates=lambda m, n: (
+                  isinstance(m, drnet_lib.RouterNet) and n == "__call__"),
+              mutable=["intermediates"], **kwargs)
+          router_logits = [state["intermediates"][f"cell_{i}"]["router"]["__call__"][0]
+                           for i in range(self.model.num_cells)]
+        else:
+          out = self.model.apply(variables, x, **kwargs)
+          router_logits = None
+        res = dict(logits=out.logits, executed=out.executed, path=out.path,
+                   executed_macs=out.executed_macs,
+                   macs_all=out.macs_fixed + jnp.sum(out.macs_table), macs_fixed=out.macs_fixed)
+        if capture:
+          res["router_logits"] = jnp.stack(router_logits, axis=1)  # [B, L, C, K]
+        return res
+      self._fns[key] = jax.jit(f)
+    return self._fns[key]
+
+
+def routed_fraction(res: dict) -> np.ndarray:
+  """[B] fraction of the routed MACs executed, per example."""
+  macs_fixed = float(res["macs_fixed"])
+  routed_all = float(res["macs_all"]) - macs_fixed
+  return (np.asarray(res["executed_macs"], np.float64) - macs_fixed) / routed_all
+
+
+def random_images(key: jax.Array, batch: int, shape: tuple[int, int, int]) -> jax.Array:
+  """Gaussian noise plus a per-example, per-channel offset and horizontal gradient, so that the
+  pooled features the routers see vary between examples (pure noise averages out)."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  h, w, c = shape
+  noise = jax.random.normal(k1, (batch, h, w, c))
+  offset = jax.random.normal(k2, (batch, 1, 1, c))
+  ramp = jax.random.normal(k3, (batch, 1, 1, c)) * jnp.linspace(-1.0, 1.0, w)[None, None, :, None]
+  return noise + offset + ramp
+
+
+def init_variables(model: Any, shape: tuple[int, int, int], seed: int = 0) -> dict:
+  """Random variables with the model's parameter shapes, without compiling the initialiser.
+
+  (Tracing `init` is cheap; compiling it for DRNet S takes minutes on a small CPU.) Kernels:
+  Kaiming normal over the fan-in (all but the last axis); biases, BN shifts and means 0; BN
+  scales and variances 1; DRNet's fixed-router logits N(0, 1e-3).
+  """
+  key = jax.random.key(seed)
+  x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+  abstract = jax.eval_shape(lambda x: model.init({"params": key, "routing": key, "dropout": key},
+                                                 x, train=False), x)
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "kernel":
+      fan_in = int(np.prod(s.shape[-4:-1] if len(s.shape) >= 4 else s.shape[:-1]))
+      if any(str(getattr(p, "key", p)).endswith("blocks") for p in path):  # scanned: [n, ...]
+        fan_in = int(np.prod(s.shape[1:-1]))
+      return jnp.asarray(rng.normal(0.0, math.sqrt(2.0 / max(fan_in, 1)), s.shape), s.dtype)
+    if name in ("scale", "var"):
+      return jnp.ones(s.shape, s.dtype)
+    if name == "logits":
+      return jnp.asarray(rng.normal(0.0, 1e-3, s.shape), s.dtype)
+    return jnp.zeros(s.shape, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def recalibrate_batch_stats(bench: Bench, variables: dict, x: jax.Array) -> dict:
+  """Sets every BN's running statistics to its statistics on `x` in one training-mode pass.
+
+  With random weights and unit running variances the activations of a 110-layer residual net
+  grow to ~1e10 in inference mode; statistics from a real forward pass keep them O(1), as in a
+  trained model. CoDiNet's BN momentum is 0.9: new = 0.9 old + 0.1 batch.
+  """
+  def f(v, x):
+    _, state = bench.model.apply(v, x, train=True, tau=1.0, mutable=["batch_stats"],
+                                 rngs={"routing": jax.random.key(1), "dropout": jax.random.key(2)})
+    return state["batch_stats"]
+  new = jax.jit(f)(variables, x)
+  stats = jax.tree_util.tree_map(lambda n, o: (n - 0.9 * o) / 0.1, new, variables["batch_stats"])
+  return {**variables, "batch_stats": stats}
+
+
+# ------------------------------------------------------------------------------------------------
+# Controlled decisions.
+# ------------------------------------------------------------------------------------------------
+
+
+def _logit(v: np.ndarray) -> np.ndarray:
+  v = np.clip(np.asarray(v, np.float64), 1e-30, 1.0 - 1e-7)
+  return np.log(v) - np.log1p(-v)
+
+
+def _np_tree(tree):
+  return jax.tree_util.tree_map(lambda a: np.array(a), tree)
+
+
+def _codinet_slots(model: Any, hw: tuple[int, int]) -> list[tuple[str, int | None]]:
+  """Per routed block d: (site, index in the scanned stack or None)."""
+  slots, seen = [], {}
+  for spec in model.block_specs(hw):
+    if spec.site.endswith("_blocks"):
+      j = seen.get(spec.site, 0)
+      seen[spec.site] = j + 1
+      slots.append((spec.site, j))
+    else:
+      slots.append((spec.site, None))
+  return slots
+
+
+def _fc2(params: dict, slot) -> dict:
+  site, j = slot
+  return params[site]["block"]["router"]["fc2"] if j is not None else params[site]["router"]["fc2"]
+
+
+def calibrate_codinet(bench: Bench, variables: dict, x_cal: jax.Array, p: float,
+                      iterations: int = 2) -> dict:
+  """CoDiNet variables whose routers run each block for a fraction p of the examples.
+
+  Router k's logit difference d_k = U_k[run] - U_k[skip] is an affine function of its hidden
+  features: d_k = w_k . h + b_k (the original fc2). The rewritten fc2 gives
+  d'_k = a_k (w_k . h + b_k - q_k) (skip logit 0), so block k runs (v >= 0.5) iff the original
+  difference exceeds q_k; q_k is its (1 - p) quantile on the calibration batch and a_k =
+  1 / std, both measured first in all-blocks mode, then re-measured `iterations` times in
+  thresholded mode with the earlier blocks routed (the inputs a router sees depend on them).
+  The pattern over examples comes from the random weights acting on each example's features.
+  """
+  params = _np_tree(variables["params"])
+  slots = _codinet_slots(bench.model, bench.image_shape[:2])
+  w0, b0 = [], []
+  for slot in slots:
+    fc = _fc2(params, slot)
+    k, b = (fc["kernel"], fc["bias"]) if slot[1] is None else (fc["kernel"][slot[1]],
+                                                                 fc["bias"][slot[1]])
+    w0.append(k[:, 1] - k[:, 0])
+    b0.append(b[1] - b[0])
+
+  def rewrite(a, q):
+    new = _np_tree(params)
+    for d, slot in enumerate(slots):
+      fc = _fc2(new, slot)
+      kern = np.stack([np.zeros_like(w0[d]), a[d] * w0[d]], axis=-1)
+      bias = np.asarray([0.0, a[d] * (b0[d] - q[d])], fc["bias"].dtype)
+      if slot[1] is None:
+        fc["kernel"], fc["bias"] = kern.astype(fc["kernel"].dtype), bias
+      else:
+        fc["kernel"][slot[1]], fc["bias"][slot[1]] = kern, bias
+    return {**variables, "params": jax.tree_util.tree_map(jnp.asarray, new)}
+
+  res = bench.apply_fn("dense", False)(variables, x_cal, jnp.float32(0.5))
+  raw = _logit(res["path"])  # [B, D] original differences (all blocks run)
+  a = q = None
+  for it in range(iterations + 1):
+    if it > 0:
+      res = bench.apply_fn("dense", True)(cur, x_cal, jnp.float32(0.5))
+      raw = _logit(res["path"]) / a + q
+    a = 1.0 / np.maximum(raw.std(axis=0), 1e-12)
+    q = np.quantile(raw, 1.0 - p, axis=0)
+    cur = rewrite(a, q)
+  return cur
+
+
+def calibrate_drnet(bench: Bench, variables: dict, x_cal: jax.Array, p: float, threshold: float,
+                    sharpness: float = 8.0, iterations: int = 2) -> dict:
+  """DRNet variables whose routers keep each separable-conv branch for a fraction p of examples.
+
+  The RouterNet's last dense layer is rewritten per cell: the logits of the two separable-conv
+  branches (the branches that hold nearly all the MACs) become a (z - q) with z their original
+  logit, q its (1 - p) quantile on the calibration batch and a = sharpness / std; the pooling and
+  skip branches get logit 0. With threshold 0.8: both separable convs 'on' -> both kept (~0.5
+  each), one on -> that one alone, none -> the three cheap branches. Quantiles are measured in
+  all-branches mode, then re-measured `iterations` times in thresholded mode (router logits
+  captured with `capture_intermediates`).
+  """
+  params = _np_tree(variables["params"])
+  num_cells, k = bench.model.num_cells, drnet_lib.NUM_BRANCHES
+  dense_names = [f"cell_{i}" for i in range(num_cells)]
+  orig = [(params[c]["router"]["Dense_0"]["kernel"].copy(),
+           params[c]["router"]["Dense_0"]["bias"].copy()) for c in dense_names]
+
+  def rewrite(a, q):  # a, q: [L, C, K] (used on the separable-conv branches only)
+    new = _np_tree(params)
+    for i, c in enumerate(dense_names):
+      kern, bias = orig[i]
+      w = kern.reshape(kern.shape[0], -1, k)
+      bb = bias.reshape(-1, k)
+      nw = np.zeros_like(w)
+      nb = np.zeros_like(bb)
+      for br in SEPCONV:
+        nw[:, :, br] = a[i, :, br] * w[:, :, br]
+        nb[:, br] = a[i, :, br] * (bb[:, br] - q[i, :, br])
+      new[c]["router"]["Dense_0"]["kernel"] = nw.reshape(kern.shape)
+      new[c]["router"]["Dense_0"]["bias"] = nb.reshape(bias.shape)
+    return {**variables, "params": jax.tree_util.tree_map(jnp.asarray, new)}
+
+  thr = jnp.float32(threshold)
+  raw = np.asarray(bench.apply_fn("dense", False, capture=True)(variables, x_cal, thr)[
+      "router_logits"], np.float64)  # [B, L, C, K]
+  a = q = None
+  for it in range(iterations + 1):
+    if it > 0:
+      got = np.asarray(bench.apply_fn("dense", True, capture=True)(cur, x_cal, thr)[
+          "router_logits"], np.float64)
+      raw = np.where(a > 0, got / np.where(a > 0, a, 1.0) + q, raw)
+    a = np.zeros(raw.shape[1:])
+    q = np.zeros(raw.shape[1:])
+    a[..., SEPCONV] = sharpness / np.maximum(raw[..., SEPCONV].std(axis=0), 1e-12)
+    q[..., SEPCONV] = np.quantile(raw[..., SEPCONV], 1.0 - p, axis=0)
+    cur = rewrite(a, q)
+  return cur
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the models.
+# ------------------------------------------------------------------------------------------------
+
+
+def build_controlled(name: str, args) -> tuple[Bench, dict, float]:
+  """Bench, base variables and threshold of r110 / drnet_s (random weights)."""
+  from configs import codinet_cifar10, drnet_cifar10  # pylint: disable=g-import-not-at-top
+  if name == "r110":
+    cfg = codinet_cifar10.get_config("resnet110")
+    threshold = 0.5
+  else:
+    cfg = drnet_cifar10.get_config("S")
+    cfg.model.aux_head = False  # training only; not part of inference
+    threshold = 0.8
+  model = models_base.build_model(cfg.model)
+  shape = (32, 32, 3)
+  bench = Bench(name, model, cfg.model.name, shape, tau=1.0)
+  variables = init_variables(model, shape)
+  if name == "r110":
+    variables = recalibrate_batch_stats(bench, variables,
+                                        random_images(jax.random.key(7), 64, shape))
+  return bench, variables, threshold
+
+
+def build_digits(name: str, workdir: str) -> tuple[Bench, dict, np.ndarray]:
+  """Bench, restored variables and preprocessed test images of a trained digits run."""
+  from dynroute_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from dynroute_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from dynroute_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  if not workdir:
+    raise SystemExit(f"--{name}_workdir is needed for model {name} (a finished digits run).")
+  config = evaluate.load_config(workdir)
+  model = models_base.build_model(config.model)
+  restored = ckpt_lib.restore_for_eval(os.path.join(workdir, "checkpoints"))
+  step = int(restored.meta.get("step", -1))
+  train_ds = input_pipeline.load_dataset(config.data, config.data.train_split)
+  tau, _ = evaluate.eval_temperature(config, step, restored.meta.get("stage"), len(train_ds))
+  test_ds = input_pipeline.load_dataset(config.data, config.data.eval_split)
+  images, _ = test_ds.get(np.arange(len(test_ds)))
+  x = np.asarray(input_pipeline.preprocess_eval(images, config.data))
+  dc = config.data
+  bench = Bench(name, model, config.model.name, (dc.image_size, dc.image_size, dc.num_channels),
+                tau=float(tau))
+  variables = {"params": restored.params, "batch_stats": restored.batch_stats}
+  return bench, variables, x
+
+
+def threshold_for_fraction(bench: Bench, variables: dict, x: jax.Array, p: float,
+                           steps: int = 14) -> tuple[float, float]:
+  """Bisection on the threshold for a mean routed-MACs fraction p on x; (threshold, fraction)."""
+  f = bench.apply_fn("dense", True)
+
+  def frac(t):
+    return float(routed_fraction(f(variables, x, jnp.float32(t))).mean())
+
+  lo, hi = 1e-4, 1.0
+  f_lo, f_hi = frac(lo), frac(hi)
+  increasing = f_hi > f_lo
+  if (p - f_lo) * (p - f_hi) > 0:  # not reachable: the nearest end
+    return (lo, f_lo) if abs(p - f_lo) < abs(p - f_hi) else (hi, f_hi)
+  best = (lo, f_lo) if abs(p - f_lo) < abs(p - f_hi) else (hi, f_hi)
+  for _ in range(steps):
+    mid = 0.5 * (lo + hi)
+    fm = frac(mid)
+    if abs(fm - p) < abs(best[1] - p):
+      best = (mid, fm)
+    if (fm < p) == increasing:
+      lo = mid
+    else:
+      hi = mid
+  return best
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark.
+# ------------------------------------------------------------------------------------------------
+
+
+HEADER = (f"{'model':<15} {'batch':>5} {'target':>6} {'frac':>5} {'T':>6} {'strategy':<12} "
+          f"{'ms':>9} {'img/s':>9} {'speedup':>7} {'ideal':>6} {'eff':>5} {'eff_best':>8} "
+          f"{'compile_s':>9} {'dlogit':>8} {'agree':>6}")
+
+
+def run_model(name: str, args, rng: np.random.Generator) -> None:
+  t0 = time.perf_counter()
+  levels = {}  # p -> (variables, threshold, x_pool for batch 1, pool fractions)
+  if name in ("r110", "drnet_s"):
+    bench, variables, threshold = build_controlled(name, args)
+    x_cal = random_images(jax.random.key(11), args.calib_batch, bench.image_shape)
+    for p in args.fractions:
+      if bench.kind == "codinet":
+        v = calibrate_codinet(bench, variables, x_cal, p)
+      else:
+        v = calibrate_drnet(bench, variables, x_cal, p, threshold)
+      fr = routed_fraction(bench.apply_fn("dense", True)(v, x_cal, jnp.float32(threshold)))
+      levels[p] = (v, threshold, x_cal, fr)
+
+    def batch_x(b):
+      return random_images(jax.random.key(100 + b), b, bench.image_shape)
+  else:
+    bench, variables, x_test = build_digits(name, getattr(args, f"{name}_workdir"))
+    x_all = jnp.asarray(x_test)
+    for p in args.fractions:
+      t, _ = threshold_for_fraction(bench, variables, x_all, p)
+      fr = routed_fraction(bench.apply_fn("dense", True)(variables, x_all, jnp.float32(t)))
+      levels[p] = (variables, t, x_all, fr)
+
+    def batch_x(b):
+      idx = np.arange(b) % x_all.shape[0]
+      return x_all[idx]
+  print(f"# {name}: {bench.kind}, input {bench.image_shape}, tau {bench.tau:.3f}, setup "
+        f"{time.perf_counter() - t0:.0f} s; calibration-set routed fraction per level: "
+        + ", ".join(f"{p}: {fr.mean():.3f}" for p, (_, _, _, fr) in levels.items()), flush=True)
+
+  for b in args.batch:
+    compiled, compile_s = {}, {}
+    for p in args.fractions:
+      v, thr, pool, fr = levels[p]
+      if b == 1:
+        x = pool[int(np.argmin(np.abs(fr - p)))][None]
+      else:
+        x = batch_x(b)
+      thr_arr = jnp.float32(thr)
+      for s in args.strategies:
+        if s not in compiled:
+          t1 = time.perf_counter()
+          compiled[s] = bench.apply_fn(s, True).lower(v, x, thr_arr).compile()
+          compile_s[s] = time.perf_counter() - t1
+      outs = {s: jax.block_until_ready(compiled[s](v, x, thr_arr)) for s in args.strategies}
+      ref = outs.get("dense", outs[args.strategies[0]])
+      macs_all = float(ref["macs_all"]) * b
+      executed = float(np.sum(np.asarray(ref["executed_macs"], np.float64)))
+      ideal = macs_all / executed
+      frac = float(routed_fraction(ref).mean())
+      times = _timing.interleaved_times(
+          {s: (lambda s=s: compiled[s](v, x, thr_arr)) for s in args.strategies},
+          args.repeats, rng, warmup=False)
+      stats = _timing.speedups(times, "dense")
+      for s in args.strategies:
+        med, paired, best = stats[s]
+        dlogit = float(np.max(np.abs(np.asarray(outs[s]["logits"]) - np.asarray(ref["logits"]))))
+        agree = float(np.mean(np.asarray(outs[s]["executed"]) == np.asarray(ref["executed"])))
+        print(f"{name:<15} {b:>5} {p:>6.2f} {frac:>5.2f} {thr:>6.3f} {s:<12} {med * 1e3:>9.2f} "
+              f"{b / med:>9.1f} {paired:>7.2f} {ideal:>6.2f} {paired / ideal:>5.2f} "
+              f"{best / ideal:>8.2f} {compile_s[s]:>9.1f} {dlogit:>8.1e} {agree:>6.3f}",
+              flush=True)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+  ap.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
+  ap.add_argument("--fractions", type=float, nargs="+", default=[0.75, 0.5, 0.25],
+                  help="target fractions of the routed MACs")
+  ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
+                  choices=list(dispatch.STRATEGIES), help="'dense' is needed for speed-ups")
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--calib_batch", type=int, default=64,
+                  help="calibration batch of the controlled decisions (r110, drnet_s)")
+  ap.add_argument("--digits_codinet_workdir", default="")
+  ap.add_argument("--digits_drnet_workdir", default="")
+  args = ap.parse_args(argv)
+  rng = np.random.default_rng(0)
+  print(f"platform: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
+        f"{os.cpu_count()} CPUs; auto -> "
+        f"{[dispatch.default_strategy(jax.default_backend(), b) for b in args.batch]} for batch "
+        f"{args.batch}")
+  print("frac = routed MACs executed / routed MACs (dense run of the timed batch); ideal and eff "
+        "count all MACs (fixed parts included)")
+  print(HEADER, flush=True)
+  for name in args.models:
+    run_model(name, args, rng)
+
+
+if __name__ == "__main__":
+  main()
