@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynroute_jax import costs, dispatch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing  # noqa: E402
+
 WIDTHS = (16, 32, 64)
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -185,25 +188,17 @@ def run(args):
       masks, m = make_masks(rng, batch, args.blocks, frac)
       ideal = (macs.sum() * batch) / float((m.sum(axis=1) * macs).sum())
       ref = fns["dense"](x, masks) if "dense" in fns else None
-      times = {name: [] for name in args.variants}
       for name in args.variants:  # warm up and check
         y = jax.block_until_ready(fns[name](x, masks))
         if ref is not None:
           np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=2e-3, atol=2e-3)
-      for _ in range(args.repeats):  # one round = every variant once, in a shuffled order
-        for name in rng.permutation(args.variants):
-          t0 = time.perf_counter()
-          jax.block_until_ready(fns[name](x, masks))
-          times[name].append(time.perf_counter() - t0)
+      # One round = every variant once, in a shuffled order; same-round and best-of ratios.
+      times = _timing.interleaved_times(
+          {name: (lambda name=name: fns[name](x, masks)) for name in args.variants},
+          args.repeats, rng, warmup=False)
+      stats = _timing.speedups(times, "dense")
       for name in args.variants:
-        t = np.asarray(times[name])
-        med = float(np.median(t))
-        if "dense" in times:
-          # Same-round ratios (robust to slow load drifts) and best-of (least disturbed) ratio.
-          paired = float(np.median(np.asarray(times["dense"]) / t))
-          best = min(times["dense"]) / float(t.min())
-        else:
-          paired = best = float("nan")
+        med, paired, best = stats[name]
         print(f"{batch:>5} {frac:>5.2f} {name:<13} {med * 1e3:>9.2f} {batch / med:>9.1f} "
               f"{paired:>8.2f} {ideal:>6.2f} {paired / ideal:>5.2f} {best / ideal:>8.2f} "
               f"{compile_s[name]:>9.2f}", flush=True)
