@@ -209,7 +209,8 @@ def summarize(res: dict[str, np.ndarray], macs_all: float,
       "macs_median": float(np.median(macs)),
       "macs_p90": float(np.percentile(macs, 90)),
       "params_mean": float(np.mean(res["params"])),
-      "macs_reduction": float(1.0 - np.mean(macs) / macs_all) if macs_all else 0.0,
+      # max(0, .) + 0.0: the all-branches pass reads exactly 0, never -0.0 from rounding.
+      "macs_reduction": max(0.0, float(1.0 - np.mean(macs) / macs_all)) + 0.0 if macs_all else 0.0,
       "num_examples": int(correct.size),
   }
   if "executed" in res:

@@ -264,7 +264,7 @@ def test_nonfinite_loss_stops_with_step_and_term_then_skip_mode(cache_dir, tmp_p
   every = ["--config.checkpoint.every_steps=1"]
   run = run_to_end(cache_dir, workdir, every, driver=NAN_DRIVER, expect_rc=1)
   last = error_line(run)
-  print(last)  # Quoted in docs/bad_inputs.md.
+  print(last)  # Quoted in the README.
   assert last.startswith("main: error: NonFiniteError: Non-finite value at step 2 in loss/ce"), last
   assert "skip_nonfinite_steps" in last
   # Nothing after the bad step was checkpointed; the last checkpoint verifies and is finite.
@@ -305,7 +305,7 @@ def test_disk_full_during_save_then_resume(reference, cache_dir, tmp_path):
   workdir = tmp_path / "run"
   run = run_to_end(cache_dir, workdir, driver=DISK_FULL_DRIVER, expect_rc=1)
   last = error_line(run)
-  print(last)  # Quoted in docs/bad_inputs.md.
+  print(last)  # Quoted in the README.
   assert last.startswith("main: error: CheckpointSaveError: saving checkpoint step 4"), last
   assert "No space left on device" in last and "earlier checkpoints are untouched" in last
   assert good_steps(workdir) == [2]

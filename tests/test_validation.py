@@ -3,7 +3,7 @@ and without touching what an earlier run saved in the work directory.
 
 Each case of `CASES` is (name, how it is tried, expected exception, expected message pattern, a
 function that tries it and returns the message). `python tests/test_validation.py` prints the
-table of cases and the messages they give (docs/bad_inputs.md quotes it).
+table of cases and the messages they give (the README quotes it).
 """
 
 from __future__ import annotations
