@@ -20,40 +20,14 @@ Paper numbers to compare with (Table 6, CIFAR-100, top-1 %, K = average executed
 """
 
 from dynroute_jax import config_lib
-from dynroute_jax.models import codinet
 
-VARIANTS = ("resnet32", "resnet74", "resnet110")
+_CIFAR10 = config_lib.sibling_config(__file__, "codinet_cifar10")
+VARIANTS = _CIFAR10.VARIANTS
 
 
 def get_config(arg: str = "resnet110"):
-  variant, overrides = codinet.parse_config_arg(arg, "resnet110", VARIANTS)
-  c = config_lib.base_config()
-  c.model = codinet.default_config(variant, num_classes=100, image_size=32, num_channels=3)
-
+  c = _CIFAR10.get_config(arg)
+  c.model.num_classes = 100
   c.data.name = "cifar100"
-  c.data.image_size = 32
-  c.data.num_channels = 3
   c.data.num_classes = 100
-  c.data.crop_padding = 4
-  c.data.flip = True
-  c.data.cutout = 0
-  c.data.num_views = 2
-
-  c.train.global_batch_size = 128
-  c.train.optimizer = "sgd"
-  c.train.momentum = 0.9
-  c.train.weight_decay = 1e-4
-  c.train.consistency_margin = 0.2
-  c.train.diversity_margin = 0.5
-  c.train.num_stages = 2
-  c.train.stage1 = config_lib.stage_config(
-      epochs=220.0, lr=0.1, lr_schedule="multistep", lr_boundaries_epochs=(150, 200),
-      lr_decay=0.1, tau_init=1.0, tau_floor=1.0, consistency_weight=0.2, diversity_weight=0.2,
-      cost_weight=overrides.get("gamma", 0.0))
-  c.train.stage2 = config_lib.stage_config(
-      epochs=20.0, lr=0.001, lr_schedule="constant", tau_init=1.0, tau_floor=1.0,
-      freeze_routers=True, hard_decisions=True)
-
-  c.eval.threshold = 0.5
-  c.eval.thresholds = (0.3, 0.4, 0.5, 0.6, 0.7)
   return c

@@ -8,13 +8,28 @@ compiled and raises a ValueError naming the bad field and the allowed values.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
+import os
 from typing import Any
 
 import ml_collections
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn_cropped", "imagenet2012")
 STRATEGIES = ("auto", "dense", "batch_cond", "per_example", "compact", "chunk")
+
+
+def sibling_config(this_file: str, name: str):
+  """Loads the config module `name`.py next to `this_file`, so a config can derive from another.
+
+  Config files are loaded by path (not as a package), so a plain import of a sibling would depend on
+  the working directory; this does not.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"dynroute_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def stage_config(**overrides: Any) -> ml_collections.ConfigDict:
