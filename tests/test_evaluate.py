@@ -156,15 +156,20 @@ def test_accuracy_all_matches_a_direct_computation(run):
 
 def test_eval_tau_follows_the_stage_schedule(run):
   assert run["report"]["eval_tau"] == pytest.approx(1.0)  # stage 2 starts at tau_init = 1.
-  cfg = digits.get_config("drnet")  # 30 + 20 epochs of 22 steps on 1438 training images.
-  n = len(input_pipeline.load_dataset(cfg.data, "train"))
-  spe = n // cfg.train.global_batch_size
-  start2 = 30 * spe
-  tau, stage = evaluate.eval_temperature(cfg, start2 + 5 * spe, 2, n)
-  assert stage == 2 and tau == pytest.approx(np.exp(-0.05 * 5), rel=1e-5)
-  tau_end, _ = evaluate.eval_temperature(cfg, start2 + 20 * spe, None, n)
+  cfg = digits.get_config("drnet")
+  train_ds, _ = train.training_splits(cfg)
+  n = len(train_ds)
+  s1, s2 = train.plan_stages(cfg, n)
+  spe, decay = s2.steps_per_epoch, cfg.train.stage2.tau_decay_per_epoch
+  # The temperature of the last step that ran: step start + 5 epochs - 1 lies in epoch 4.
+  tau, stage = evaluate.eval_temperature(cfg, s2.start + 5 * spe, 2, n)
+  assert stage == 2 and tau == pytest.approx(np.exp(-decay * 4), rel=1e-5)
+  tau_end, _ = evaluate.eval_temperature(cfg, s2.end, None, n)
+  assert tau_end == pytest.approx(max(cfg.train.stage2.tau_floor,
+                                      np.exp(-decay * ((s2.num_steps - 1) // spe))))
   assert tau_end == pytest.approx(0.5)  # the floor, as training ends.
   assert evaluate.eval_temperature(cfg, 10, None, n) == (pytest.approx(3.0), 1)
+  assert s1.end == s2.start
 
 
 def test_budget_meets_the_target_on_calibration_data(run):
