@@ -27,10 +27,9 @@ A dataset that is not prepared fails within seconds, naming the dataset, the dat
 command that prepares it; tfds is never allowed to start a download.
 
 Augmentation runs on device in JAX, per example, from one key (`augment`, `make_views`,
-`preprocess_eval`): random crop with zero padding, horizontal flip, per-dataset mean/std
-normalisation, cutout (zeroes a square after normalisation, as in DARTS). AutoAugment is not
-implemented: `autoaugment=True` logs a warning once and trains without it (a known gap, see
-`augment`).
+`preprocess_eval`): random crop with zero padding, horizontal flip, AutoAugment with the CIFAR-10
+policy (`autoaugment=True`, see `autoaugment.py`), per-dataset mean/std normalisation, cutout
+(zeroes a square after normalisation, as in DARTS).
 """
 
 from __future__ import annotations
@@ -45,7 +44,8 @@ from typing import Any, Iterator, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+
+from dynroute_jax import autoaugment as autoaugment_lib
 
 Array = jax.Array
 
@@ -460,15 +460,12 @@ def preprocess_eval(images: Array, data_config: Any) -> Array:
   return _normalise(jnp.asarray(images).astype(jnp.float32) / 255.0, data_config.name)
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_autoaugment_once(name: str) -> None:
-  logging.warning("config.data.autoaugment=True for %s: AutoAugment is not implemented in "
-                  "dynroute_jax; training uses crop/flip/cutout only (accuracy may fall short of "
-                  "papers that use AutoAugment).", name)
+# Folded into an example's key for its AutoAugment stream (independent of crop/flip/cutout).
+_AUTOAUGMENT_STREAM = 0x41417567
 
 
 def _augment_one(key: Array, image01: Array, *, padding: int, flip: bool, cutout: int,
-                 mean: np.ndarray, std: np.ndarray) -> Array:
+                 mean: np.ndarray, std: np.ndarray, autoaugment: bool = False) -> Array:
   """One [H, W, C] image in [0, 1] -> augmented, normalised float32 image."""
   h, w, _ = image01.shape
   k_crop_y, k_crop_x, k_flip, k_cut_y, k_cut_x = jax.random.split(key, 5)
@@ -481,6 +478,11 @@ def _augment_one(key: Array, image01: Array, *, padding: int, flip: bool, cutout
     x = jax.lax.dynamic_slice(x, (oy, ox, 0), image01.shape)
   if flip:
     x = jnp.where(jax.random.bernoulli(k_flip), x[:, ::-1, :], x)
+  if autoaugment:
+    # On the 0..255 image after crop/flip and before normalisation (torchvision/DARTS order).
+    x255 = jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+    x255 = autoaugment_lib.apply_policy(jax.random.fold_in(key, _AUTOAUGMENT_STREAM), x255)
+    x = x255.astype(jnp.float32) / 255.0
   x = (x - mean) / std
   if cutout > 0:
     # DARTS' Cutout: centre uniform over the image, square clipped at the borders, applied to the
@@ -499,11 +501,12 @@ def augment(key: Array, images: Array, data_config: Any) -> Array:
   """Training augmentation on device, independently per example.
 
   In order: random crop of the zero-padded image (`crop_padding` pixels per side; 0 = off),
-  horizontal flip with probability 1/2 (`flip`), normalisation with the dataset's mean/std, cutout
-  of a `cutout` x `cutout` square (0 = off; zeroes the normalised pixels, clipped at the borders).
-  Example i uses `jax.random.fold_in(key, i)`, so its augmentation does not depend on the batch
-  size or on the other examples. `autoaugment=True` is not implemented: it logs a warning (once)
-  and is otherwise ignored.
+  horizontal flip with probability 1/2 (`flip`), AutoAugment with the CIFAR-10 policy on the uint8
+  image (`autoaugment`; `autoaugment.apply_policy`), normalisation with the dataset's mean/std,
+  cutout of a `cutout` x `cutout` square (0 = off; zeroes the normalised pixels, clipped at the
+  borders). Example i uses `jax.random.fold_in(key, i)`, so its augmentation does not depend on the
+  batch size or on the other examples; AutoAugment draws from a key folded out of that one, so
+  crop, flip and cutout are the same with and without it.
 
   Args:
     key: PRNG key.
@@ -513,14 +516,13 @@ def augment(key: Array, images: Array, data_config: Any) -> Array:
   Returns:
     [B, H, W, C] float32 normalised images.
   """
-  if data_config.get("autoaugment", False):
-    _warn_autoaugment_once(data_config.name)
   mean, std = mean_std(data_config.name)
   images = jnp.asarray(images).astype(jnp.float32) / 255.0
   keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(images.shape[0]))
   one = functools.partial(_augment_one, padding=int(data_config.get("crop_padding", 0)),
                           flip=bool(data_config.get("flip", False)),
-                          cutout=int(data_config.get("cutout", 0)), mean=mean, std=std)
+                          cutout=int(data_config.get("cutout", 0)), mean=mean, std=std,
+                          autoaugment=bool(data_config.get("autoaugment", False)))
   return jax.vmap(one)(keys, images)
 
 
