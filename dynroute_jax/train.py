@@ -201,7 +201,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: 
   num_views = dc.num_views
   tau_fn, lr_fn = tau_schedule(stage), lr_schedule(stage)
   extra = {"hard": True} if (sc.hard_decisions and config.model.name == "codinet") else {}
-  full_macs_ref = {}
 
   def step_fn(state: TrainState, batch: dict[str, Array], base_key: Array):
     step = state.step
@@ -274,7 +273,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: 
     })
     return new_state, metrics
 
-  del full_macs_ref
   return step_fn
 
 
