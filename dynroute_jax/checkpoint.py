@@ -34,8 +34,10 @@ Public API
   meta)`.
 - `model_fingerprint(model_config, params)`: hash of the model config and the parameter tree's
   structure, shapes and dtypes.
+- `damage_report()`: the problems of every step that does not verify.
 - Errors, all subclasses of `CheckpointError` (a `RuntimeError`): `CheckpointNotFoundError`,
-  `DamagedCheckpointError`, `FingerprintMismatchError`, `CheckpointSaveError`.
+  `DamagedCheckpointError`, `NoGoodCheckpointError`, `FingerprintMismatchError`,
+  `CheckpointSaveError`.
 
 Integrity
 ---------
@@ -59,9 +61,14 @@ each newer step that does not verify is logged with `logging.warning` naming the
 problems, and is left on disk. Restoring a named step that does not verify raises
 `DamagedCheckpointError` naming the step and what is wrong.
 
-Retention: `keep` counts good steps (with a manifest). After each completed save the newest `keep`
-good steps are kept; steps older than the oldest kept one are deleted. A damaged or incomplete
-step newer than that is never deleted by retention. When a later save reaches the step number of
+Retention: `keep` counts steps that verify with their full checksums (not merely steps that have
+a manifest). After each completed save the newest `keep` verifying steps are kept and steps older
+than the oldest kept one are deleted; with fewer than `keep` verifying steps nothing is deleted,
+so the last verifying step is never deleted. A damaged or incomplete step newer than the oldest
+kept one is never deleted by retention. Verifying reads every file, so each verdict is cached per
+step, keyed by the size, mtime and inode of every file in the step directory (the manifest
+included): a step is read in full once per process (the step just saved not even once, its
+checksums were just computed) and re-read only when one of its files changes. When a later save reaches the step number of
 such a damaged step, the damaged directory is moved to `<directory>/quarantine/` (not deleted)
 and the new checkpoint is written. A step that exists and verifies is never overwritten: saving
 it again is a no-op that returns False (so a forced final save after a periodic save of the same
@@ -93,7 +100,7 @@ import os
 import shutil
 import threading
 import time
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -126,6 +133,17 @@ class DamagedCheckpointError(CheckpointError):
     super().__init__(message)
     self.step = step
     self.problems = list(problems)
+
+
+class NoGoodCheckpointError(CheckpointError):
+  """Checkpoints exist, but none verifies: resuming would silently start over from nothing.
+
+  `problems` maps each damaged step to what is wrong with it.
+  """
+
+  def __init__(self, message: str, problems: Mapping[int, Sequence[str]]):
+    super().__init__(message)
+    self.problems = {int(k): list(v) for k, v in problems.items()}
 
 
 class FingerprintMismatchError(CheckpointError):
@@ -289,6 +307,8 @@ class Checkpointer:
     self._barrier_count = 0
     self._had_failure = False
     self._closed = False
+    # step -> (file signature, problems): full verifications already done (see `_verify_cached`).
+    self._verdicts: dict[int, tuple[tuple, tuple[str, ...]]] = {}
     if fingerprint is not None:
       self.check_compatible(fingerprint)
 
@@ -346,7 +366,52 @@ class Checkpointer:
 
   def verify(self, step: int) -> list[str]:
     """Problems found in `step` (an empty list when it is good). Reads every file."""
-    return self._problems(step, full=True)
+    signature = self._signature(step)  # Taken first: a file changing meanwhile voids the entry.
+    problems = self._problems(step, full=True)
+    self._verdicts[int(step)] = (signature, tuple(problems))
+    return problems
+
+  def _signature(self, step: int) -> tuple:
+    """(path, size, mtime, inode) of every file of the step: what a cached verdict is valid for.
+
+    Costs one stat per file. Rewriting, truncating, deleting, adding or touching any file of the
+    step (the manifest included) changes it; damage that leaves size, mtime and inode unchanged
+    (bit rot under the file system) is found only by a full `verify`.
+    """
+    step_dir = self._step_dir(step)
+    entries = []
+    for dirpath, _, filenames in os.walk(step_dir):
+      for name in filenames:
+        path = os.path.join(dirpath, name)
+        try:
+          st = os.stat(path)
+        except OSError:
+          continue
+        entries.append((os.path.relpath(path, step_dir), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(sorted(entries))
+
+  def _verify_cached(self, step: int) -> list[str]:
+    """`verify(step)`, read in full only when the step's files changed since the last verdict."""
+    cached = self._verdicts.get(int(step))
+    if cached is not None and cached[0] == self._signature(step):
+      return list(cached[1])
+    return self.verify(step)
+
+  def damage_report(self) -> dict[int, list[str]]:
+    """The problems of every step that does not verify, by step (cached full verification).
+
+    Process 0 verifies; on the other processes a damaged step's entry only says so (reading every
+    checkpoint on every host is what the broadcast verdicts avoid).
+    """
+    self.wait_until_finished()
+    self._open_on_every_process()
+    report = {}
+    for step in self.all_steps():
+      bad = _from_process_0(int(bool(self._verify_cached(step))) if _is_primary() else 0)
+      if bad:
+        report[step] = (self._verify_cached(step) if _is_primary()
+                        else ["damaged or incomplete (verified by process 0)"])
+    return report
 
   def _problems(self, step: int, full: bool) -> list[str]:
     step_dir = self._step_dir(step)
@@ -377,9 +442,6 @@ class Checkpointer:
       if _sha256(path) != entry["sha256"]:
         problems.append(f"checksum mismatch in {rel}")
     return problems
-
-  def _good_steps_by_manifest(self, steps: Iterable[int]) -> list[int]:
-    return [s for s in steps if not self._problems(s, full=False)]
 
   def latest_good_step(self) -> Optional[int]:
     """The newest step that verifies, or None. Warns about (and keeps) newer damaged steps.
@@ -539,6 +601,9 @@ class Checkpointer:
     _atomic_write_json(os.path.join(step_dir, MANIFEST_NAME), {
         "step": step, "format_version": FORMAT_VERSION, "algorithm": "sha256",
         "written": time.time(), "files": files})
+    # The checksums were just computed from these very files: the step verifies, without a
+    # second read (a file changed meanwhile shows in the signature and forces a full verify).
+    self._verdicts[step] = (self._signature(step), ())
 
   def _watch(self, step: int) -> None:
     """Watcher thread: wait for orbax to commit `step`, then write its manifest."""
@@ -586,18 +651,33 @@ class Checkpointer:
     self._finish_pending()
 
   def _apply_retention(self) -> None:
+    """Deletes the steps older than the newest `keep` steps that verify (see the module doc).
+
+    Only full verification counts: a step whose manifest exists but whose files do not match it
+    is not a good step, or retention could delete the last good checkpoints in favour of damaged
+    ones. Process 0 decides (cached verdicts) and every process deletes the same steps.
+    """
     if self.keep is None:
       return
     manager = self._get_manager()
     manager.reload()
     steps = sorted(int(s) for s in manager.all_steps())
-    good = self._good_steps_by_manifest(steps)
-    if len(good) <= self.keep:
+    oldest_kept = -1
+    if _is_primary():
+      good = []
+      for step in reversed(steps):  # Newest first; older steps need no verdict.
+        if not self._verify_cached(step):
+          good.append(step)
+          if len(good) == self.keep:
+            oldest_kept = step
+            break
+    oldest_kept = _from_process_0(oldest_kept)
+    if oldest_kept < 0:  # Fewer than `keep` verifying steps: keep everything.
       return
-    oldest_kept = good[-self.keep]
     for step in steps:
       if step < oldest_kept:
         manager.delete(step)
+        self._verdicts.pop(step, None)
 
   def _quarantine(self, step: int, problems: Sequence[str]) -> None:
     """Moves a damaged step aside so that a new save of the same step number can proceed."""
@@ -608,6 +688,7 @@ class Checkpointer:
     if _is_primary():
       os.makedirs(os.path.dirname(target), exist_ok=True)
       shutil.move(self._step_dir(step), target)
+    self._verdicts.pop(int(step), None)
     self._barrier(f"quarantine_{step}")
     self._get_manager().reload()
 

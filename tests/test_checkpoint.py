@@ -472,3 +472,44 @@ def test_two_processes(tmp_path):
                      "after damage 2",
                      "final [2, 3] []"], out
   assert len(os.listdir(os.path.join(d, C.QUARANTINE_DIR))) == 1
+
+
+def test_retention_never_deletes_the_last_verifying_steps(tmp_path):
+  """Damaged steps whose manifest exists do not count toward `keep` (they used to, and the new
+  good checkpoints were deleted in their favour as soon as they were written)."""
+  d = str(tmp_path / "ckpt")
+  with C.Checkpointer(d, keep=2, async_save=False, fingerprint=FP) as ckpt:
+    save_state(ckpt, 10)
+    save_state(ckpt, 11)
+  _flip_byte(os.path.join(d, "10"))
+  _flip_byte(os.path.join(d, "11"))
+  with C.Checkpointer(d, keep=2, fingerprint=FP) as ckpt:  # Async: as training saves.
+    assert ckpt.latest_good_step() is None
+    for step, expected in ((1, [1, 10, 11]), (2, [1, 2, 10, 11]), (3, [2, 3, 10, 11])):
+      save_state(ckpt, step)
+      ckpt.wait_until_finished()
+      assert ckpt.all_steps() == expected
+      assert ckpt.latest_good_step() == step
+    assert sorted(ckpt.damage_report()) == [10, 11]
+
+
+def test_retention_verifies_in_full_and_caches_the_verdicts(tmp_path, monkeypatch):
+  d = str(tmp_path / "ckpt")
+  hashed = []
+  real_sha256 = C._sha256
+  monkeypatch.setattr(C, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
+  with C.Checkpointer(d, keep=2, async_save=False, fingerprint=FP) as ckpt:
+    for step in (1, 2, 3):
+      save_state(ckpt, step)
+    # Each file was read once, to write its manifest: retention re-read nothing.
+    assert len(hashed) == len(set(hashed))
+    time.sleep(0.05)  # Past the file system's timestamp granularity: the damage changes mtime.
+    _flip_byte(os.path.join(d, "3"))  # Its manifest is intact: only the checksums tell.
+    hashed.clear()
+    save_state(ckpt, 4)
+    # Newest verifying steps: 4 and 2; the damaged 3 between them stays, 1 goes.
+    assert ckpt.all_steps() == [2, 3, 4]
+    step3 = [p for p in hashed if os.sep + "3" + os.sep in p]
+    step2 = [p for p in hashed if os.sep + "2" + os.sep in p]
+    assert step3 and not step2  # The changed step was re-read, the unchanged one was not.
+    assert "checksum mismatch" in " ".join(ckpt.damage_report()[3])
