@@ -7,15 +7,16 @@ compiled and raises a ValueError naming the bad field and the allowed values.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 import ml_collections
 
-DATASETS = ("digits", "cifar10", "cifar100", "svhn_cropped", "imagenet2012")
+DATASETS = ("digits", "digits_graded", "cifar10", "cifar100", "svhn_cropped", "imagenet2012")
 STRATEGIES = ("auto", "dense", "batch_cond", "per_example", "compact", "chunk")
 
 
@@ -96,6 +97,14 @@ def base_config() -> ml_collections.ConfigDict:
       skip_nonfinite_steps=False,  # True: a step with NaN/Inf loss or grads is skipped, not fatal.
       consistency_margin=0.2,  # CoDiNet m_c.
       diversity_margin=0.5,    # CoDiNet m_d.
+      # Router training (both stages). Defaults follow the papers where they are explicit.
+      resource_cost="branches",  # DRNet Eq. 8 log of: 'branches' (paper) or 'total' (+ fixed MACs).
+      router_lr_multiplier=1.0,  # the routers' learning rate = this x the stage's.
+      path_loss_input="noisy",   # CoDiNet Eq. 8/9 on 'noisy' (Gumbel, paper) or 'clean' outputs.
+      cost_type="macs",          # CoDiNet cost: 'macs' (Eq. 11) or 'count_l1' (official code).
+      cost_target=0.5,           # 'count_l1': target share of blocks run.
+      cost_on_correct_only=False,  # CoDiNet cost only on correctly classified examples (as Eq. 8).
+      router_logit_weight=0.0,   # weight of losses.router_logit_spread (anti-saturation).
       stage1=stage_config(),
       stage2=stage_config(),
       num_stages=2,
@@ -106,12 +115,18 @@ def base_config() -> ml_collections.ConfigDict:
       threshold=0.8,           # DRNet T (CoDiNet: run iff v >= threshold, 0.5 in the paper).
       thresholds=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
       strategy="auto",         # see dispatch.STRATEGIES; 'auto' = measured per-platform default.
+      # The static counterpart's sweep (every input gets the test-set mean router output).
+      static_thresholds=tuple(round(0.05 * i, 2) for i in range(1, 21)),
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=500,
       keep=3,
       async_save=True,
+      # Checkpoints exist but none verifies: False refuses to start (naming each damaged step);
+      # True trains from step 0 (the damaged steps are moved to checkpoints/quarantine/ as
+      # their step numbers are saved again).
+      restart_if_damaged=False,
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -164,6 +179,214 @@ def check_known_fields(config: Any, reference: Any, prefix: str = "config") -> N
       check_known_fields(value, ref, f"{prefix}.{key}")
 
 
+# ----------------------------------------------------------------------------------------------
+# The schema: a declared type and range for every field of `base_config()` (model fields excepted:
+# each model's from_config checks them). `validate` checks every field against it, so a value
+# outside its range is refused, naming the field, the value and the allowed range, before
+# anything is compiled. A new field of base_config()/stage_config() needs an entry here
+# (tests/test_validation.py fails for a field without one).
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """A field's declared type and allowed values.
+
+  kind: 'int', 'number' (int or float, finite), 'bool', 'str', 'choice' (one of `choices`) or
+    'numbers' (a tuple of numbers, each in the range). Bounds are inclusive unless `*_open`.
+  """
+  kind: str
+  lo: Optional[float] = None
+  hi: Optional[float] = None
+  lo_open: bool = False
+  hi_open: bool = False
+  choices: tuple = ()
+  allow_none: bool = False
+  also: tuple = ()  # Special values allowed outside the range (e.g. -1 = detect).
+  why: str = ""  # Appended to the message: what the bound protects.
+
+  def describe(self) -> str:
+    """The allowed values in words, e.g. 'an int >= 1' or 'a number in [0, 1)'."""
+    if self.kind == "choice":
+      return f"one of {self.choices}"
+    if self.kind in ("bool", "str"):
+      return f"a {self.kind}"
+    noun = {"int": "an int", "number": "a number", "numbers": "a tuple of numbers"}[self.kind]
+    if self.kind == "numbers":
+      noun += ", each"
+    lo, hi = _fmt(self.lo), _fmt(self.hi)
+    if lo is not None and hi is not None:
+      text = f"{noun} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+    elif lo is not None:
+      text = f"{noun} {'>' if self.lo_open else '>='} {lo}"
+    elif hi is not None:
+      text = f"{noun} {'<' if self.hi_open else '<='} {hi}"
+    else:
+      text = noun
+    specials = [repr(v) for v in self.also] + (["None"] if self.allow_none else [])
+    return text + (f", or {' or '.join(specials)}" if specials else "")
+
+  def _number_ok(self, v: Any, integer: bool) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      return False
+    if integer and not isinstance(v, int):
+      return False
+    if not math.isfinite(v):
+      return False
+    if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+      return False
+    if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
+      return False
+    return True
+
+  def ok(self, value: Any) -> bool:
+    if value is None:
+      return self.allow_none
+    if any(value == v and type(value) is type(v) for v in self.also):
+      return True
+    if self.kind == "choice":
+      return value in self.choices
+    if self.kind == "bool":
+      return isinstance(value, bool)
+    if self.kind == "str":
+      return isinstance(value, str)
+    if self.kind == "numbers":
+      return (isinstance(value, (tuple, list))
+              and all(self._number_ok(v, integer=False) for v in value))
+    return self._number_ok(value, integer=self.kind == "int")
+
+
+def _fmt(bound: Optional[float]) -> Optional[str]:
+  if bound is None:
+    return None
+  return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def _int(lo=None, hi=None, **kw) -> Field:
+  return Field("int", lo, hi, **kw)
+
+
+def _num(lo=None, hi=None, **kw) -> Field:
+  return Field("number", lo, hi, **kw)
+
+
+_BOOL, _STR = Field("bool"), Field("str")
+# Below this the routers' logits / tau overflow float32 or their gradients explode.
+MIN_TAU = 1e-3
+
+SCHEMA: dict[str, Field] = {
+    "seed": _int(0, 2**32 - 1),
+    "data.name": Field("choice", choices=DATASETS),
+    "data.data_dir": _STR,
+    "data.image_size": _int(1),
+    "data.num_channels": _int(1),
+    "data.num_classes": _int(2),
+    "data.num_views": _int(1),
+    "data.train_split": _STR,
+    "data.eval_split": _STR,
+    "data.calibration_fraction": _num(0, 1, hi_open=True,
+                                      why="the rest of the train split is trained on"),
+    "data.crop_padding": _int(0),
+    "data.flip": _BOOL,
+    "data.cutout": _int(0),
+    "data.autoaugment": _BOOL,
+    "train.global_batch_size": _int(1),
+    "train.optimizer": Field("choice", choices=("sgd", "nesterov")),
+    "train.momentum": _num(0, 1, hi_open=True),
+    "train.weight_decay": _num(0),
+    "train.label_smoothing": _num(0, 1, hi_open=True),
+    "train.grad_clip_norm": _num(0, why="0 turns clipping off"),
+    "train.skip_nonfinite_steps": _BOOL,
+    "train.consistency_margin": _num(0),
+    "train.diversity_margin": _num(0),
+    "train.num_stages": Field("choice", choices=(1, 2)),
+    "train.resource_cost": Field("choice", choices=("branches", "total")),
+    "train.router_lr_multiplier": _num(0),
+    "train.path_loss_input": Field("choice", choices=("noisy", "clean")),
+    "train.cost_type": Field("choice", choices=("macs", "count_l1")),
+    "train.cost_target": _num(0, 1, why="a share of blocks"),
+    "train.cost_on_correct_only": _BOOL,
+    "train.router_logit_weight": _num(0),
+    "eval.batch_size": _int(1),
+    "eval.threshold": _num(0, 1, lo_open=True),
+    "eval.thresholds": Field("numbers", 0, 1, lo_open=True),
+    "eval.static_thresholds": Field("numbers", 0, 1, lo_open=True),
+    "eval.strategy": Field("choice", choices=STRATEGIES),
+    "checkpoint.every_steps": _int(1),
+    "checkpoint.keep": _int(1, allow_none=True, why="None keeps every checkpoint"),
+    "checkpoint.async_save": _BOOL,
+    "checkpoint.restart_if_damaged": _BOOL,
+    "mesh.data": _int(1, also=(-1,), why="-1 = every device the other axes leave"),
+    "mesh.fsdp": _int(1),
+    "mesh.param_sharding": Field("choice", choices=("replicated", "fsdp")),
+    "distributed.initialize": Field("choice", choices=("auto", "always", "never")),
+    "distributed.coordinator_address": _STR,
+    "distributed.num_processes": _int(0, why="0 = from the environment"),
+    "distributed.process_id": _int(0, also=(-1,), why="-1 = from the environment"),
+    "distributed.initialization_timeout": _int(1),
+    "log_every_steps": _int(1),
+    "eval_every_steps": _int(0, why="0 = only at the end of each stage"),
+    "dry_run": _BOOL,
+}
+
+# The fields of each training stage (train.stage1, train.stage2).
+STAGE_SCHEMA: dict[str, Field] = {
+    "epochs": _num(0),
+    "steps": _int(0, why="0 = use epochs"),
+    "lr": _num(0),
+    "lr_schedule": Field("choice", choices=("cosine", "multistep", "constant")),
+    "lr_boundaries_epochs": Field("numbers", 0),
+    "lr_decay": _num(0, lo_open=True),
+    "warmup_epochs": _num(0),
+    "tau_init": _num(MIN_TAU, why="smaller temperatures overflow float32 in the routers"),
+    "tau_decay_per_epoch": _num(0),
+    "tau_floor": _num(MIN_TAU, why="smaller temperatures overflow float32 in the routers"),
+    "resource_weight": _num(0),
+    "consistency_weight": _num(0),
+    "diversity_weight": _num(0),
+    "cost_weight": _num(0),
+    "aux_weight": _num(0),
+    "drop_path_rate": _num(0, 1, hi_open=True),
+    "freeze_routers": _BOOL,
+    "hard_decisions": _BOOL,
+}
+
+
+def schema() -> dict[str, Field]:
+  """Every declared field by its path (stage fields once per stage)."""
+  out = dict(SCHEMA)
+  for stage in ("stage1", "stage2"):
+    out.update({f"train.{stage}.{k}": v for k, v in STAGE_SCHEMA.items()})
+  return out
+
+
+def _lookup(config: Any, path: str) -> tuple[bool, Any]:
+  node = config
+  for part in path.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      return False, None
+    node = node[part]
+  return True, node
+
+
+def check_schema(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for the first field whose value is outside its declared range.
+
+  Fields of stages that do not run (train.stage2 with train.num_stages=1) are not checked.
+  """
+  stages = ("stage1", "stage2")
+  num_stages = config.train.get("num_stages", 2) if "train" in config else 2
+  inactive = stages[num_stages:] if num_stages in (1, 2) else ()
+  for path, field in schema().items():
+    if any(path.startswith(f"train.{s}.") for s in inactive):
+      continue
+    present, value = _lookup(config, path)
+    if not present:
+      continue  # Missing fields are the unknown-field check's business (config files may omit).
+    if not field.ok(value):
+      why = f" ({field.why})" if field.why else ""
+      raise ValueError(f"config.{path} must be {field.describe()}{why}; got {value!r}.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the fields every run reads. Model fields are checked by the model's from_config."""
   check_known_fields(config, base_config())
@@ -181,7 +404,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_positive(config.train.weight_decay, "train.weight_decay", allow_zero=True)
   if not 0.0 <= config.train.label_smoothing < 1.0:
     raise ValueError(f"config.train.label_smoothing must lie in [0, 1); got {config.train.label_smoothing!r}.")
-  for t in (config.eval.threshold, *config.eval.thresholds):
+  for t in (config.eval.threshold, *config.eval.thresholds, *config.eval.static_thresholds):
     if not (isinstance(t, (int, float)) and 0.0 < t <= 1.0):
       raise ValueError(f"config.eval.threshold(s) must lie in (0, 1]; got {t!r}.")
   for name in ("stage1", "stage2")[:config.train.num_stages]:
@@ -201,6 +424,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _check_positive(s[f], f"train.{name}.{f}", allow_zero=True)
     if not 0.0 <= s.drop_path_rate < 1.0:
       raise ValueError(f"config.train.{name}.drop_path_rate must lie in [0, 1); got {s.drop_path_rate!r}.")
+  _check_choice(config.train.resource_cost, ("branches", "total"), "train.resource_cost")
+  _check_choice(config.train.path_loss_input, ("noisy", "clean"), "train.path_loss_input")
+  _check_choice(config.train.cost_type, ("macs", "count_l1"), "train.cost_type")
+  _check_positive(config.train.router_lr_multiplier, "train.router_lr_multiplier", allow_zero=True)
+  _check_positive(config.train.router_logit_weight, "train.router_logit_weight", allow_zero=True)
+  if not 0.0 <= config.train.cost_target <= 1.0:
+    raise ValueError(f"config.train.cost_target must lie in [0, 1] (a share of blocks); got "
+                     f"{config.train.cost_target!r}.")
   for f in ("consistency_margin", "diversity_margin"):
     if f in config.train and config.train[f] < 0:
       raise ValueError(f"config.train.{f} must be >= 0 (a hinge margin); got {config.train[f]!r}.")
@@ -209,3 +440,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.num_views < 2:
       raise ValueError("Consistency/diversity losses need config.data.num_views >= 2 augmented views "
                        f"per image; got {config.data.num_views}.")
+  check_schema(config)

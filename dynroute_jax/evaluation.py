@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynroute_jax import dynamics as dynamics_lib
 from dynroute_jax import input_pipeline
 from dynroute_jax import sharding
 
@@ -107,28 +108,33 @@ class Predictor:
     noise_key = jax.random.key(noise_seed)
     shape = self.image_shape
 
-    def predict(variables, images, threshold, indices, noise_std):
+    def predict(variables, images, threshold, indices, noise_std, router_override):
       x = input_pipeline.preprocess_eval(images, data_config)
       if noise:
         eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(indices)
         x = x + noise_std * eps.astype(x.dtype)
       out = model.apply(variables, x, train=False, tau=tau,
-                        threshold=threshold if routed else None, strategy=strategy)
+                        threshold=threshold if routed else None, strategy=strategy,
+                        **({} if router_override is None else {"router_override": router_override}))
       probs = jax.nn.softmax(out.logits.astype(jnp.float32), axis=-1)
+      static = router_override is not None
       return {
           "prediction": jnp.argmax(out.logits, -1),
           "confidence": jnp.max(probs, -1),
-          "macs": out.executed_macs,
+          # A static network (one routing for every input) needs no routers: not counted.
+          "macs": out.executed_macs - (out.router_macs if static else 0.0),
           "params": out.executed_params,
           "executed": out.executed > 0.5,
           "weights": out.weights,
           "path": out.path,
+          "logits": out.logits.astype(jnp.float32),
+          "router_probs": out.router_probs,
       }
 
     self._jitted = jax.jit(predict)
 
   def __call__(self, variables: PyTree, images, threshold=None, *, indices=None,
-               noise_std: float = 0.0) -> dict[str, jax.Array]:
+               noise_std: float = 0.0, router_override=None) -> dict[str, jax.Array]:
     check_images(images, self.image_shape)
     if self.routed:
       if threshold is None:
@@ -138,7 +144,9 @@ class Predictor:
     thr = jnp.asarray(1.0 if threshold is None else threshold, jnp.float32)
     if indices is None:
       indices = np.arange(images.shape[0], dtype=np.int32)
-    return self._jitted(variables, images, thr, indices, jnp.asarray(noise_std, jnp.float32))
+    override = None if router_override is None else jnp.asarray(router_override, jnp.float32)
+    return self._jitted(variables, images, thr, indices, jnp.asarray(noise_std, jnp.float32),
+                        override)
 
 
 def make_predict_fn(model: nn.Module, data_config, *, tau: float, routed: bool,
@@ -149,7 +157,7 @@ def make_predict_fn(model: nn.Module, data_config, *, tau: float, routed: bool,
 
 def run_dataset(predict_fn, variables: PyTree, ds, data_config, mesh, batch_size: int,
                 threshold: float | None, keep: Iterable[str] = DEFAULT_KEEP, *,
-                noise_std: float = 0.0) -> dict[str, np.ndarray]:
+                noise_std: float = 0.0, router_override=None) -> dict[str, np.ndarray]:
   """Runs `predict_fn` over every example of `ds` once; returns per-example numpy arrays.
 
   Adds 'label' and 'index' (position in `ds`). Batches are sharded over `mesh`.
@@ -165,10 +173,13 @@ def run_dataset(predict_fn, variables: PyTree, ds, data_config, mesh, batch_size
     start = k * batch_size + pi * local
     batch_local = dict(batch_local, index=np.arange(start, start + local, dtype=np.int32))
     batch = sharding.make_global_batch(batch_local, mesh)
+    extra = {} if router_override is None else {"router_override": router_override}
     out = predict_fn(variables, batch["image"], threshold, indices=batch["index"],
-                     noise_std=noise_std)
+                     noise_std=noise_std, **extra)
     out = {key: out[key] for key in keep}
     out["label"] = batch["label"]
+    if "level" in batch:
+      out["level"] = batch["level"]
     out["index"] = batch["index"]
     out["mask"] = batch["mask"]
     for key, v in out.items():
@@ -425,13 +436,14 @@ def evaluate_and_report(config, model: nn.Module, variables: PyTree, test_ds, me
   # so the noisy passes reuse its compilation.
   predict_routed = make_predict_fn(model, dc, tau=tau, routed=True, strategy=strategy,
                                    noise=instance_awareness)
-  res_all = run_dataset(predict_all, variables, test_ds, dc, mesh, bs, None)
+  res_all = run_dataset(predict_all, variables, test_ds, dc, mesh, bs, None,
+                        DEFAULT_KEEP + ("router_probs",))
   macs_all = float(np.mean(res_all["macs"]))
   all_summary = summarize(res_all, macs_all)
   sweep = {}
   res_default = None
   for t in ts:
-    keep = DEFAULT_KEEP + (("path", "weights") if t == t_default else ())
+    keep = DEFAULT_KEEP + (("path", "weights", "logits") if t == t_default else ())
     res = run_dataset(predict_routed, variables, test_ds, dc, mesh, bs, t, keep)
     sweep[f"{t:g}"] = summarize(res, macs_all, site_shape)
     if t == t_default:
@@ -457,6 +469,10 @@ def evaluate_and_report(config, model: nn.Module, variables: PyTree, test_ds, me
       "all": all_summary,
       "thresholds": sweep,
   }
+  report["dynamics"] = dynamics_lib.summarize(res_default, site_shape)
+  report["static"] = static_counterpart(
+      predict_routed, variables, test_ds, config, mesh, res_all["router_probs"].mean(axis=0),
+      routed_accuracy=routed["accuracy"], routed_macs=routed["macs_mean"])
   names = _unit_names(config.model.name)
   if names:
     report["branch_names"] = names
@@ -508,6 +524,31 @@ def evaluate_and_report(config, model: nn.Module, variables: PyTree, test_ds, me
   return report
 
 
+def static_counterpart(predict_fn, variables: PyTree, ds, config, mesh, mean_router_S: np.ndarray,
+                       *, routed_accuracy: float, routed_macs: float) -> dict[str, Any]:
+  """The static network of equal cost: every input gets the set-mean router output.
+
+  Sweeps `config.eval.static_thresholds` plus the routed sweep's thresholds (DRNet: the kept
+  branches of the mean weights; CoDiNet: the blocks whose mean run probability reaches the
+  cut-off), MACs without the routers, and compares with the routed model at its mean MACs
+  (`dynamics.static_comparison`).
+  """
+  ts = sorted({check_threshold(t, "config.eval.static_thresholds") for t in
+               (*config.eval.get("static_thresholds", ()), *config.eval.thresholds,
+                config.eval.threshold)})
+  mean = np.asarray(mean_router_S, np.float32)
+  sweep = {}
+  for t in ts:
+    res = run_dataset(predict_fn, variables, ds, config.data, mesh, config.eval.batch_size, t,
+                      ("prediction", "macs"), router_override=mean)
+    sweep[f"{t:g}"] = {"accuracy": float(np.mean(res["prediction"] == res["label"])),
+                       "macs_mean": float(np.mean(res["macs"]))}
+  out = dynamics_lib.static_comparison(routed_accuracy, routed_macs, sweep)
+  out["mean_router_output"] = np.round(mean, 6).tolist()
+  out["macs_convention"] = "static MACs exclude the routers (a static network has none)"
+  return out
+
+
 def _fmt_macs(x: float) -> str:
   return f"{x / 1e6:.4g}M" if x >= 1e5 else f"{x:.4g}"
 
@@ -532,6 +573,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(row(t + mark, s))
   lines.append(f"(* = the config's threshold; reduction against all branches: "
                f"{_fmt_macs(report['macs_all'])} MACs)")
+  lines.extend(_dynamics_lines(report))
   b = report.get("budget")
   if b:
     if b["feasible"]:
@@ -557,3 +599,35 @@ def format_table(report: dict[str, Any]) -> str:
                      f"({v['macs_change_relative']:+.1%}, acc {v['accuracy']:.3f})")
     lines.append("  MACs " + "; ".join(parts))
   return "\n".join(lines)
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+  return "n/a" if x is None else format(x, spec)
+
+
+def _dynamics_lines(report: dict[str, Any]) -> list[str]:
+  """The dynamics and static-counterpart lines of the table."""
+  d, st = report.get("dynamics"), report.get("static")
+  if not d:
+    return []
+  m = d["macs"]
+  lines = [f"dynamics at threshold {report['threshold']:g}: MACs mean {_fmt_macs(m['mean'])} "
+           f"CV {m['cv']:.1%} min {_fmt_macs(m['min'])} max {_fmt_macs(m['max'])}; "
+           f"{d['distinct_paths']} paths (most common {d['most_common_path_share']:.1%}, "
+           f"{d['paths_used_by_1pct']} used by >= 1%); constant routers {d['constant_routers']}/"
+           f"{d['num_routers']}" + (f", constant connections {d['constant_connections']}/"
+                                    f"{d['num_connections']}" if "constant_connections" in d else "")
+           + f"; Spearman(MACs, loss) {_fmt(d.get('spearman_macs_loss'), '+.3f')}"]
+  lv = d.get("levels")
+  if lv:
+    per = "; ".join(f"L{k}: acc {v['accuracy']:.3f} MACs {_fmt_macs(v['macs_mean'])}"
+                    for k, v in lv["per_level"].items())
+    lines.append(f"  per level: {per}; Spearman(MACs, level) "
+                 f"{_fmt(lv['spearman_macs_level'], '+.3f')}; top/bottom level MACs "
+                 f"{_fmt(lv['macs_ratio_top_over_bottom_level'], '.3f')}x")
+  if st:
+    lines.append(f"  static counterpart (mean router output, no routers): "
+                 f"{st['static_accuracy_at_routed_macs']:.4f} at {_fmt_macs(st['routed_macs'])} MACs"
+                 f"{' (extrapolated)' if st['extrapolated'] else ''}; routed - static = "
+                 f"{st['gap_points']:+.2f} points")
+  return lines

@@ -12,6 +12,8 @@ Datasets (`config.data.name`):
     0..16, stored as uint8 round(v * 255 / 16) with shape [8, 8, 1], 10 classes. Split: a fixed
     stratified 80/20 split (seed 0, per class the first round(0.2 n_c) of a seeded permutation go to
     'test'): 'train' has 1438 images, 'test' 359.
+  * 'digits_graded': the same images and splits, each with a difficulty level 0-3 (clean to heavily
+    corrupted) stored in `ArrayDataset.levels`; see `graded_digits`.
   * 'cifar10', 'cifar100', 'svhn_cropped': TensorFlow Datasets read from `config.data.data_dir`
     (or $TFDS_DATA_DIR, or tfds' default ~/tensorflow_datasets), never downloaded: the whole split
     is loaded into host memory as numpy (uint8 images, int32 labels). Any tfds split string works
@@ -49,12 +51,13 @@ from dynroute_jax import autoaugment as autoaugment_lib
 
 Array = jax.Array
 
-DATASETS = ("digits", "cifar10", "cifar100", "svhn_cropped", "imagenet2012")
+DATASETS = ("digits", "digits_graded", "cifar10", "cifar100", "svhn_cropped", "imagenet2012")
 TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped", "imagenet2012")
 
 # Per-channel mean and std of pixel values scaled to [0, 1] (training sets; digits: whole dataset).
 MEAN_STD = {
     "digits": ((0.30531,), (0.37589,)),
+    "digits_graded": ((0.25687,), (0.30604,)),
     "cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
     "cifar100": ((0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
     "svhn_cropped": ((0.4376821, 0.4437697, 0.47280442), (0.19803012, 0.20101562, 0.19703614)),
@@ -90,16 +93,21 @@ class ArrayDataset:
     images: [N, H, W, C] uint8.
     labels: [N] int32.
     name: dataset name (selects the normalisation constants).
+    levels: [N] int32 difficulty level of each example ('digits_graded'), or None. Reported by the
+      evaluation, never an input of the model.
   """
   images: np.ndarray
   labels: np.ndarray
   name: str = ""
+  levels: np.ndarray | None = None
 
   def __post_init__(self):
     if self.images.ndim != 4 or self.images.dtype != np.uint8:
       raise ValueError(f"images must be uint8 [N, H, W, C]; got {self.images.dtype} {self.images.shape}.")
     if self.labels.shape != (self.images.shape[0],):
       raise ValueError(f"labels must have shape [{self.images.shape[0]}]; got {self.labels.shape}.")
+    if self.levels is not None and self.levels.shape != self.labels.shape:
+      raise ValueError(f"levels must have shape {self.labels.shape}; got {self.levels.shape}.")
 
   def __len__(self) -> int:
     return int(self.images.shape[0])
@@ -109,7 +117,9 @@ class ArrayDataset:
 
   def subset(self, indices: np.ndarray) -> "ArrayDataset":
     indices = np.asarray(indices, np.int64)
-    return ArrayDataset(self.images[indices], self.labels[indices].astype(np.int32), self.name)
+    levels = None if self.levels is None else self.levels[indices]
+    return ArrayDataset(self.images[indices], self.labels[indices].astype(np.int32), self.name,
+                        levels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +309,9 @@ def load_dataset(data_config: Any, split: str, *, check_prepared: bool | None = 
     raise ValueError(f"config.data.name must be one of {DATASETS}; got {name!r}.")
   if name == "digits":
     ds = _load_digits(split)
+  elif name == "digits_graded":
+    from dynroute_jax import graded_digits  # pylint: disable=g-import-not-at-top
+    ds = ArrayDataset(*graded_digits.make_split(split)[:2], name, graded_digits.make_split(split)[2])
   else:
     data_dir = resolve_data_dir(data_config.get("data_dir", ""))
     builder = _tfds_builder(name, data_dir, check_prepared)
@@ -427,15 +440,20 @@ def eval_batches(ds: Dataset, batch_size: int, process_index: int = 0,
     process_index, process_count: this process and the number of processes.
 
   Yields:
-    dict(image=[b, H, W, C] uint8, label=[b] int32, mask=[b] bool), b = batch_size // process_count.
+    dict(image=[b, H, W, C] uint8, label=[b] int32, mask=[b] bool), b = batch_size // process_count,
+    plus level=[b] int32 when the dataset has difficulty levels.
   """
   sl = _local_slice(batch_size, process_index, process_count)
   n = len(ds)
   for k in range(num_eval_batches(n, batch_size)):
     idx = np.arange(k * batch_size, (k + 1) * batch_size)[sl]
     mask = idx < n
-    images, labels = ds.get(np.where(mask, idx, 0))
-    yield dict(image=images, label=labels, mask=mask)
+    safe = np.where(mask, idx, 0)
+    images, labels = ds.get(safe)
+    batch = dict(image=images, label=labels, mask=mask)
+    if getattr(ds, "levels", None) is not None:
+      batch["level"] = np.asarray(ds.levels)[safe].astype(np.int32)
+    yield batch
 
 
 # ----------------------------------------------------------------------------------------------

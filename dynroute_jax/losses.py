@@ -10,6 +10,11 @@ Losses:
   * `consistency_loss`: CoDiNet (TPAMI) Eq. 8, attraction of each image's views to their centre.
   * `diversity_loss`: CoDiNet Eq. 9, repulsion between the path centres of different images.
   * `cost_loss`: CoDiNet Eq. 11, sum_k c_k v_k with c_k from the model's MACs table.
+  * `count_cost_loss`: the official CoDiNet code's cost, an L1 distance of the number of run blocks
+    to a target count (an option, not the paper's).
+  * `router_logit_spread`: a z-loss-like penalty (ST-MoE) on the spread of the router logits, which
+    keeps routers out of saturation (where no gradient reaches them).
+  * `saturation_stats`: how many routing decisions are saturated (a metric, not a loss).
 
 Units: every cost is in MACs (multiply-accumulates of conv and dense layers, see `costs.CONVENTION`;
 FLOPs = 2 x MACs). The L2 norms in the CoDiNet losses use `safe_norm`, whose gradient is zero (not
@@ -199,3 +204,58 @@ def cost_loss(weights_BxS: Array, macs_table_S: Array,
 def full_model_macs(macs_table_S: Array, macs_fixed: Array | float = 0.0) -> Array:
   """MACs per example with every routed unit run: the default `cost_loss` normalizer."""
   return jnp.asarray(macs_fixed, jnp.float32) + jnp.sum(jnp.asarray(macs_table_S, jnp.float32))
+
+
+def count_cost_loss(weights_BxS: Array, target_fraction: float | Array,
+                    correct_B: Array | None = None) -> Array:
+  """The official CoDiNet code's cost: | mean_k v_k - target |, averaged over the batch.
+
+  The code counts run blocks against a target count; dividing by the number of blocks makes the
+  target a fraction in [0, 1] that transfers between depths.
+
+  Args:
+    weights_BxS: [B, S] relaxed run probabilities.
+    target_fraction: the target share of blocks to run.
+    correct_B: optional [B] 0/1 gate (only correctly classified examples pay).
+
+  Returns:
+    Scalar loss.
+  """
+  per_B = jnp.abs(jnp.mean(weights_BxS.astype(jnp.float32), axis=-1) - target_fraction)
+  if correct_B is not None:
+    per_B = per_B * jax.lax.stop_gradient(jnp.asarray(correct_B, jnp.float32))
+  return jnp.mean(per_B)
+
+
+def router_logit_spread(choices_BxUxK: Array, tau: float | Array) -> Array:
+  """Mean squared centred router logit: tau * log p, centred over the K choices.
+
+  The shift-invariant analogue of ST-MoE's router z-loss for softmax routers whose logits are only
+  seen through their probabilities. For a 2-way (skip, run) router with logit gap g it is g^2 / 4.
+
+  Args:
+    choices_BxUxK: [B, U, K] noise-free router probabilities (`ModelOutput.router_choices()`).
+    tau: the temperature the probabilities were computed at.
+
+  Returns:
+    Scalar penalty.
+  """
+  logp = jnp.log(jnp.clip(choices_BxUxK.astype(jnp.float32), 1e-30, 1.0)) * tau
+  centred = logp - jnp.mean(logp, axis=-1, keepdims=True)
+  return jnp.mean(jnp.square(centred))
+
+
+def saturation_stats(choices_BxUxK: Array, level: float = 0.99) -> dict[str, Array]:
+  """Saturation of routing decisions (the top choice's probability >= `level`).
+
+  Returns:
+    'router_saturation': share of (example, unit) pairs that are saturated;
+    'routers_saturated': share of units saturated on the same choice for every example of the batch
+    (such a unit receives (almost) no gradient and takes one decision for every input).
+  """
+  top = jnp.max(choices_BxUxK, axis=-1)
+  arg = jnp.argmax(choices_BxUxK, axis=-1)
+  sat = top >= level
+  same = jnp.all(arg == arg[:1], axis=0)
+  return {"router_saturation": jnp.mean(sat.astype(jnp.float32)),
+          "routers_saturated": jnp.mean((jnp.all(sat, axis=0) & same).astype(jnp.float32))}

@@ -163,6 +163,9 @@ def make_optimizer(config: ml_collections.ConfigDict, stage: Stage, params: PyTr
       optax.add_decayed_weights(tc.weight_decay, mask=_decay_mask),
       optax.sgd(lr_schedule(stage), momentum=tc.momentum, nesterov=tc.optimizer == "nesterov"),
   )
+  if tc.router_lr_multiplier != 1.0:
+    # SGD updates are linear in the learning rate: scaling the routers' updates scales their lr.
+    tx = optax.chain(tx, optax.masked(optax.scale(tc.router_lr_multiplier), _router_mask))
   if stage.cfg.freeze_routers:
     # Frozen routers get a zero update and no optimizer state: they provably do not change.
     labels = jax.tree.map(lambda r: "frozen" if r else "train", _router_mask(params))
@@ -232,17 +235,28 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: 
             losses.cross_entropy(out.aux_logits, labels, tc.label_smoothing))
       correct = jnp.argmax(out.logits, -1) == labels
       if sc.resource_weight > 0:
-        terms["resource"] = losses.resource_loss(out.expected_macs, correct, sc.resource_weight)
+        cost = out.expected_routed_macs if tc.resource_cost == "branches" else out.expected_macs
+        terms["resource"] = losses.resource_loss(cost, correct, sc.resource_weight)
       if sc.consistency_weight > 0 or sc.diversity_weight > 0:
-        paths = out.path.reshape(-1, num_views, out.path.shape[-1])
+        path = out.router_probs if tc.path_loss_input == "clean" else out.path
+        paths = path.reshape(-1, num_views, path.shape[-1])
         if sc.consistency_weight > 0:
           terms["consistency"] = sc.consistency_weight * losses.consistency_loss(
               paths, tc.consistency_margin)
         if sc.diversity_weight > 0:
           terms["diversity"] = sc.diversity_weight * losses.diversity_loss(paths, tc.diversity_margin)
       if sc.cost_weight > 0:
-        full = out.macs_fixed + jnp.sum(out.macs_table)
-        terms["cost"] = sc.cost_weight * losses.cost_loss(out.weights, out.macs_table, normalizer=full)
+        gate = losses.correct_predictions(out.logits, labels) if tc.cost_on_correct_only else None
+        if tc.cost_type == "count_l1":
+          cost = losses.count_cost_loss(out.weights, tc.cost_target, gate)
+        else:
+          full = losses.full_model_macs(out.macs_table, out.macs_fixed)
+          w = out.weights if gate is None else out.weights * gate[:, None]
+          cost = losses.cost_loss(w, out.macs_table, normalizer=full)
+        terms["cost"] = sc.cost_weight * cost
+      if tc.router_logit_weight > 0:
+        terms["router_logit"] = tc.router_logit_weight * losses.router_logit_spread(
+            out.router_choices(), tau)
       total = sum(terms.values())
       aux = {"terms": terms, "correct": correct, "out": out, "batch_stats": new_vars["batch_stats"]}
       return total, aux
@@ -270,6 +284,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: 
         "drop_path_rate": drop_path,
         "macs_expected_mean": jnp.mean(out.expected_macs),
         **_routing_stats(out),
+        **losses.saturation_stats(out.router_choices()),
     })
     return new_state, metrics
 

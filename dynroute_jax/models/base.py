@@ -44,6 +44,11 @@ class ModelOutput:
     macs_fixed: scalar MACs always executed per example (stem, routers, heads, skip paths...).
     params_fixed: scalar parameters always used (auxiliary head excluded).
     site_shape: static shape that `weights`' S axis unflattens to, e.g. (L, C, K) or (D,).
+    router_probs: [B, S] the noise-free router output in every mode (DRNet: softmax(logits / tau)
+      per connection; CoDiNet: the run probability v), for saturation metrics, noise-free path
+      losses and the static counterpart (the test-set mean of it).
+    router_macs: scalar MACs of the routers per example (inside `macs_fixed`); a static network
+      needs no routers.
   """
   logits: Array
   aux_logits: Array | None
@@ -55,11 +60,30 @@ class ModelOutput:
   macs_fixed: Array
   params_fixed: Array
   site_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+  router_probs: Array | None = None
+  router_macs: Array | float = 0.0
 
   @property
   def expected_macs(self) -> Array:
     """[B] MACs per example weighted by the routing weights (DRNet Eq. 8's sum, plus fixed MACs)."""
     return self.macs_fixed + self.weights @ self.macs_table
+
+  @property
+  def expected_routed_macs(self) -> Array:
+    """[B] MACs of the routed units weighted by the routing weights: DRNet Eq. 8's sum alone."""
+    return self.weights @ self.macs_table
+
+  def router_choices(self) -> Array:
+    """[B, U, K] the noise-free router distribution of each routing unit over its K choices.
+
+    DRNet: U = L x C connections over K branches; CoDiNet: U = D blocks over (skip, run).
+    """
+    if self.router_probs is None:
+      raise ValueError("This ModelOutput carries no router_probs.")
+    if len(self.site_shape) == 3:
+      return self.router_probs.reshape(self.router_probs.shape[0], -1, self.site_shape[-1])
+    v = self.router_probs
+    return jnp.stack([1.0 - v, v], axis=-1)
 
   @property
   def executed_macs(self) -> Array:

@@ -452,6 +452,7 @@ class RoutedBlock(nn.Module):
   thresholded: bool
   drop_path: bool = False  # training only; the rate is a call argument (may be traced).
   strategy: str = "dense"
+  overridden: bool = False  # inference: v is the call's `v_override` (the static counterpart).
 
   def _dispatched(self, x: Array, executed: Array) -> Array:
     """Inference with a threshold: run the block only where `executed` (dispatch strategy)."""
@@ -485,15 +486,19 @@ class RoutedBlock(nn.Module):
     return dispatch.select_apply(run, x, executed, skipped, strategy=self.strategy)
 
   @nn.compact
-  def __call__(self, x: Array, tau: Array, threshold: Array, drop_rate: Array | float = 0.0):
+  def __call__(self, x: Array, tau: Array, threshold: Array, drop_rate: Array | float = 0.0,
+               v_override: Array | float = 0.0):
     logits = Router(self.router_hidden, self.router_activation, name="router")(x)
     relaxed = self.train and not self.hard
+    clean = routing.relaxed_decision(None, logits, tau)  # noise-free run probability [B].
     if relaxed:
       v = routing.relaxed_decision(self.make_rng("routing"), logits, tau)
       weight = v
       executed = jnp.ones_like(v)
     else:
-      v = routing.relaxed_decision(None, logits, tau)
+      v = clean
+      if self.overridden and not self.train:
+        v = jnp.broadcast_to(jnp.asarray(v_override, clean.dtype), clean.shape)
       u = routing.hard_decision(v, threshold)
       if self.train:  # stage-2 fine-tuning: hard decisions, straight-through gradient.
         weight = routing.straight_through(u, v)
@@ -503,7 +508,7 @@ class RoutedBlock(nn.Module):
         executed = weight if self.thresholded else jnp.ones_like(v)
 
     if self.thresholded and self.strategy != "dense" and not self.is_initializing():
-      return self._dispatched(x, executed), (v, weight, executed)
+      return self._dispatched(x, executed), (v, weight, executed, clean)
 
     # Shortcut of the block (always needed: the block's own residual add and the skip path).
     if self.shortcut == "identity":
@@ -522,7 +527,7 @@ class RoutedBlock(nn.Module):
     run = nn.relu(res + sc)
 
     if not self.train and not self.thresholded and not self.is_initializing():
-      return run, (v, weight, executed)  # every block runs; the skip path is not needed.
+      return run, (v, weight, executed, clean)  # every block runs; the skip path is not needed.
 
     if self.skip == "identity":
       skipped = x
@@ -533,13 +538,13 @@ class RoutedBlock(nn.Module):
           x, train=self.train)
 
     if not self.train and not self.thresholded:  # initialising in "all blocks" mode.
-      return run, (v, weight, executed)
+      return run, (v, weight, executed, clean)
     if self.train:
       wb = weight.astype(run.dtype)[:, None, None, None]
       y = wb * run + (1.0 - wb) * skipped
     else:
       y = jnp.where(executed.astype(bool)[:, None, None, None], run, skipped)
-    return y, (v, weight, executed)
+    return y, (v, weight, executed, clean)
 
 
 class _ScanBody(nn.Module):
@@ -547,8 +552,9 @@ class _ScanBody(nn.Module):
   block_kwargs: Any
 
   @nn.compact
-  def __call__(self, x, tau, threshold, drop_rate):
-    return RoutedBlock(**dict(self.block_kwargs), name="block")(x, tau, threshold, drop_rate)
+  def __call__(self, x, tau, threshold, drop_rate, v_override):
+    return RoutedBlock(**dict(self.block_kwargs), name="block")(x, tau, threshold, drop_rate,
+                                                                v_override)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -609,7 +615,8 @@ class CoDiNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool, tau: float | Array = 1.0,
                threshold: float | Array | None = None, drop_path_rate: float = 0.0,
-               strategy: str = "dense", hard: bool = False) -> ModelOutput:
+               strategy: str = "dense", hard: bool = False,
+               router_override: Array | None = None) -> ModelOutput:
     self._check_input(x)
     routing.check_tau(tau)
     if threshold is not None:
@@ -624,6 +631,14 @@ class CoDiNet(nn.Module):
                        "uses hard decisions.")
 
     specs = self.block_specs(x.shape[1:3])
+    if router_override is not None:
+      if train:
+        raise ValueError("router_override applies to evaluation only (train=False).")
+      if tuple(router_override.shape) != (len(specs),):
+        raise ValueError(f"router_override must have shape [{len(specs)}] (one run probability "
+                         f"per routed block); got {router_override.shape}.")
+    override = (jnp.zeros((len(specs),), jnp.float32) if router_override is None
+                else jnp.asarray(router_override, jnp.float32))
     summary = self.cost_summary(x.shape)
     imagenet = not is_cifar_variant(self.variant)
     tau_arr = jnp.asarray(tau, jnp.float32)
@@ -633,10 +648,11 @@ class CoDiNet(nn.Module):
     mode = dict(train=train, hard=hard, thresholded=thresholded,
                 drop_path=train and not (static_rate and drop_path_rate == 0.0),
                 strategy=(dispatch.resolve_strategy(strategy, x.shape[0]) if thresholded
-                          else "dense"))
+                          else "dense"),
+                overridden=router_override is not None)
 
     y = Stem(self.width, imagenet, name="stem")(x, train=train)
-    paths, weights, executed = [], [], []
+    paths, weights, executed, cleans = [], [], [], []
     i = 0
     while i < len(specs):
       spec = specs[i]
@@ -646,15 +662,17 @@ class CoDiNet(nn.Module):
                     shortcut=spec.shortcut, skip=spec.skip, **mode)
       group = [s for s in specs[i:] if s.site == spec.site]
       if len(group) == 1:
-        y, (v, w, e) = RoutedBlock(**kwargs, name=spec.site)(y, tau_arr, thr_arr, drop_arr)
+        y, (v, w, e, c) = RoutedBlock(**kwargs, name=spec.site)(y, tau_arr, thr_arr, drop_arr,
+                                                                 override[i])
         paths.append(v[:, None]); weights.append(w[:, None]); executed.append(e[:, None])
+        cleans.append(c[:, None])
       else:
         scan = nn.scan(_ScanBody, variable_axes={"params": 0, "batch_stats": 0},
                        split_rngs={"params": True, "routing": True, "dropout": True},
-                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=len(group))
-        y, (v, w, e) = scan(tuple(sorted(kwargs.items())), name=spec.site)(
-            y, tau_arr, thr_arr, drop_arr)
-        paths.append(v.T); weights.append(w.T); executed.append(e.T)
+                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=len(group))
+        y, (v, w, e, c) = scan(tuple(sorted(kwargs.items())), name=spec.site)(
+            y, tau_arr, thr_arr, drop_arr, override[i:i + len(group)])
+        paths.append(v.T); weights.append(w.T); executed.append(e.T); cleans.append(c.T)
       i += len(group)
 
     logits = Head(self.num_classes, name="head")(y)
@@ -669,6 +687,8 @@ class CoDiNet(nn.Module):
         macs_fixed=jnp.asarray(summary.macs_fixed, jnp.float32),
         params_fixed=jnp.asarray(summary.params_fixed, jnp.float32),
         site_shape=(len(specs),),
+        router_probs=jnp.concatenate(cleans, axis=1),
+        router_macs=jnp.asarray(summary.router_macs, jnp.float32),
     )
 
 

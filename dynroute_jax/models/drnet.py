@@ -286,7 +286,8 @@ class Cell(nn.Module):
   @nn.compact
   def __call__(self, s0: Array, s1: Array, *, train: bool, tau: float | Array,
                threshold: float | Array | None, drop_path_rate: float | Array,
-               strategy: str) -> tuple[Array, Array, Array]:
+               strategy: str, router_override: Array | None = None
+               ) -> tuple[Array, Array, Array, Array]:
     ratio = s0.shape[1] // s1.shape[1]
     p0 = make_preprocess(self.channels, ratio == 2, name="preprocess0")(s0, train=train)
     p1 = make_preprocess(self.channels, False, name="preprocess1")(s1, train=train)
@@ -299,6 +300,7 @@ class Cell(nn.Module):
       logits = FixedRouter(num_conn, name="router")(s1, train=train)
 
     mask = None
+    clean = routing.gumbel_softmax(None, logits, tau)  # noise-free router output [B, C, K].
     if train:
       key = self.make_rng("routing") if self.gumbel else None
       weights = routing.gumbel_softmax(key, logits, tau)
@@ -307,7 +309,9 @@ class Cell(nn.Module):
         mix = drop_branch(self.make_rng("dropout"), weights, self.drop_branch_rate)
       executed = jnp.ones_like(weights)
     else:
-      weights = routing.gumbel_softmax(None, logits, tau)
+      weights = clean
+      if router_override is not None:  # the static counterpart: one weight table for every input.
+        weights = jnp.broadcast_to(router_override.astype(clean.dtype), clean.shape)
       if threshold is None:
         executed = jnp.ones_like(weights)
       else:
@@ -326,7 +330,7 @@ class Cell(nn.Module):
             drop_path_rate=drop_path_rate, strategy=strategy)
         total = y if total is None else total + y
       states.append(total)
-    return jnp.concatenate(states[2:], axis=-1), weights, executed
+    return jnp.concatenate(states[2:], axis=-1), weights, executed, clean
 
 
 def router_input(s0: Array, s1: Array, p0: Array, p1: Array, kind: str) -> Array:
@@ -463,8 +467,15 @@ class DRNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool, tau: float | Array = 1.0,
                threshold: float | Array | None = None, drop_path_rate: float | Array = 0.0,
-               strategy: str = "dense") -> base.ModelOutput:
+               strategy: str = "dense", router_override: Array | None = None) -> base.ModelOutput:
     validate_fields(self._fields(), prefix="DRNet.")
+    if router_override is not None:
+      if train:
+        raise ValueError("router_override applies to evaluation only (train=False).")
+      if tuple(router_override.shape) != (math.prod(self.site_shape),):
+        raise ValueError(f"router_override must have shape [{math.prod(self.site_shape)}] (the "
+                         f"flattened site shape {self.site_shape}); got {router_override.shape}.")
+      router_override = router_override.reshape(self.site_shape)
     routing.check_tau(tau, "tau")
     if threshold is not None:
       if train:
@@ -483,18 +494,21 @@ class DRNet(nn.Module):
 
     plans = self.plan(x.shape)
     s0, s1 = Stem(self.stem, self.init_channels, self.stem_multiplier, name="stem")(x, train=train)
-    weights, executed = [], []
+    weights, executed, cleans = [], [], []
     aux_logits = None
     for p in plans:
-      out, w, e = Cell(p.channels, p.reduction, self.topology, self.use_router, self.gumbel,
+      out, w, e, cw = Cell(p.channels, p.reduction, self.topology, self.use_router, self.gumbel,
                        self.drop_branch_rate, self.router_width(p.channels), self.router_input,
                        name=f"cell_{p.index}")(
                            s0, s1, train=train, tau=tau, threshold=threshold,
-                           drop_path_rate=drop_path_rate, strategy=strategy)
+                           drop_path_rate=drop_path_rate, strategy=strategy,
+                           router_override=(None if router_override is None
+                                            else router_override[p.index]))
       assert out.shape[1:] == p.out, (out.shape, p.out)
       s0, s1 = s1, out
       weights.append(w)
       executed.append(e)
+      cleans.append(cw)
       if (p.index == self.aux_cell and self.aux_head
           and (train or self.is_initializing())):
         aux = AuxHead(self.num_classes, self.aux_pool_stride, name="aux_head")(s1, train=train)
@@ -504,6 +518,7 @@ class DRNet(nn.Module):
     b = x.shape[0]
     weights = jnp.stack(weights, axis=1).reshape(b, -1)
     executed = jnp.stack(executed, axis=1).reshape(b, -1)
+    router_probs = jnp.stack(cleans, axis=1).reshape(b, -1)
     tables = self.cost_tables(x.shape)
     return base.ModelOutput(
         logits=logits,
@@ -516,6 +531,8 @@ class DRNet(nn.Module):
         macs_fixed=jnp.asarray(tables.macs_fixed, jnp.float32),
         params_fixed=jnp.asarray(tables.params_fixed, jnp.float32),
         site_shape=self.site_shape,
+        router_probs=router_probs,
+        router_macs=jnp.asarray(tables.macs["routers"], jnp.float32),
     )
 
 
