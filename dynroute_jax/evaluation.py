@@ -135,15 +135,48 @@ class Predictor:
 
   def __call__(self, variables: PyTree, images, threshold=None, *, indices=None,
                noise_std: float = 0.0, router_override=None) -> dict[str, jax.Array]:
+    def concrete(value: Any, name: str) -> np.ndarray | None:
+      """`value` as float64 numbers; None for a traced value (checked where it is made)."""
+      if isinstance(value, jax.Array) and not getattr(value, "is_fully_addressable", True):
+        return None  # Spans other hosts: each process checks the part it made.
+      try:
+        return np.asarray(jax.device_get(value) if isinstance(value, jax.Array) else value,
+                          np.float64)
+      except jax.errors.JAXTypeError:
+        return None
+      except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or an array of numbers; got {value!r}.") from None
+
     check_images(images, self.image_shape)
     if self.routed:
       if threshold is None:
         raise ValueError("This predictor routes: pass a threshold in (0, 1].")
       if isinstance(threshold, (int, float, np.floating, np.integer)):
         threshold = check_threshold(threshold)
+      else:
+        # An array of thresholds: every entry obeys the scalar's range (1.5 would run nothing).
+        values = concrete(threshold, "threshold")
+        if values is not None:
+          bad = values[~(np.isfinite(values) & (values > 0.0) & (values <= 1.0))]
+          if bad.size:
+            raise ValueError(f"threshold must lie in (0, 1] (the routing threshold), every entry "
+                             f"of an array too; got {float(bad.flat[0])!r} in an array of shape "
+                             f"{values.shape}.")
+    std = concrete(noise_std, "noise_std")
+    if std is not None and (std.shape != () or not (np.isfinite(std) and std >= 0.0)):
+      raise ValueError(f"noise_std must be one finite number >= 0 (a standard deviation, in "
+                       f"normalised units); got {noise_std!r}.")
     thr = jnp.asarray(1.0 if threshold is None else threshold, jnp.float32)
     if indices is None:
       indices = np.arange(images.shape[0], dtype=np.int32)
+    else:
+      # One dataset index per image, or the noise of example i would be drawn for another one.
+      shape, dtype = np.shape(indices), getattr(indices, "dtype", None)
+      if dtype is None:
+        dtype = np.asarray(indices).dtype
+      if tuple(shape) != (images.shape[0],) or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"indices must hold one int per image, shape ({images.shape[0]},); got "
+                         f"shape {tuple(shape)} ({dtype}).")
     override = None if router_override is None else jnp.asarray(router_override, jnp.float32)
     return self._jitted(variables, images, thr, indices, jnp.asarray(noise_std, jnp.float32),
                         override)

@@ -14,6 +14,7 @@ Shape letters: B batch (images), M views per image, H/W/C image, N classes, S ro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -43,6 +44,7 @@ from dynroute_jax import input_pipeline
 from dynroute_jax import losses
 from dynroute_jax import routing
 from dynroute_jax import sharding
+from dynroute_jax import workdir_lock
 from dynroute_jax.models import base as models_base
 
 Array = jax.Array
@@ -328,6 +330,92 @@ class _Preemption:
     return False
 
 
+class _EvaluationInterrupted(BaseException):
+  """A stop signal arrived during the final evaluation (BaseException: nothing may swallow it)."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"signal {signum} during the final evaluation")
+    self.signum, self.step = signum, step
+
+
+class _StopEvaluationOnSignal:
+  """During the final evaluation, turns SIGTERM/SIGINT into `_EvaluationInterrupted`.
+
+  Training's handler is gone by then, and the default one would kill the process (exit -15)
+  although the final checkpoint is safe. Evaluation holds no state worth saving (its report is
+  written atomically, at its end), so it is stopped at once rather than at a step boundary.
+  """
+
+  def __init__(self, step: int):
+    self.step = step
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.__exit__()  # A second signal meets the previous handlers.
+    raise _EvaluationInterrupted(signum, self.step)
+
+  def __exit__(self, *exc):
+    old, self._old = self._old, {}
+    for s, h in old.items():
+      signal.signal(s, h)
+    return False
+
+
+def _lock_workdir(workdir: str, cleanup: contextlib.ExitStack) -> None:
+  """Takes the work directory's lock (process 0) until `cleanup` unwinds; every process agrees.
+
+  Raises workdir_lock.WorkdirLockedError on every process when process 0 could not take it, so
+  the others do not wait forever in the first collective.
+  """
+  if "://" in os.fspath(workdir):  # An object store (gs://...) has no atomic exclusive create.
+    logging.warning("Work directory %s is not on a local file system: it is not locked against a "
+                    "second training.", workdir)
+    return
+  lock = workdir_lock.WorkdirLock(os.fspath(workdir), enabled=jax.process_index() == 0)
+  error = None
+  try:
+    lock.acquire()
+  except workdir_lock.WorkdirLockedError as e:
+    error = e
+  if distributed.any_process(error is not None):
+    raise error or workdir_lock.WorkdirLockedError(
+        f"Process 0 could not lock work directory {workdir}: another training uses it (process "
+        "0's error names it).")
+  cleanup.callback(lock.release)
+
+
+def _resume_step(ckpt: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict) -> int | None:
+  """The step to resume from: the newest that verifies; None to start from step 0.
+
+  Checkpoints that exist but of which none verifies are never silently ignored (that would train
+  from nothing and report it as the run): NoGoodCheckpointError names every damaged step, unless
+  config.checkpoint.restart_if_damaged is set.
+  """
+  step = ckpt.latest_good_step()
+  if step is not None or not ckpt.all_steps():
+    return step
+  damaged = ckpt.damage_report()
+  listing = "; ".join(f"step {s}: {ckpt_lib._summarise(p)}"  # pylint: disable=protected-access
+                      for s, p in sorted(damaged.items(), reverse=True))
+  if not config.checkpoint.restart_if_damaged:
+    raise ckpt_lib.NoGoodCheckpointError(
+        f"Cannot resume: no checkpoint in {ckpt.directory} verifies ({listing}). Nothing was "
+        "changed. Restore the checkpoints from a copy, use another --workdir, or start over "
+        "from step 0 with --config.checkpoint.restart_if_damaged=True (the damaged steps are "
+        "then moved to the quarantine/ folder when their step numbers are saved again).",
+        damaged)
+  logging.warning("No checkpoint in %s verifies (%s); config.checkpoint.restart_if_damaged is "
+                  "set, so training starts from step 0.", ckpt.directory, listing)
+  return None
+
+
 def _prepare_workdir(workdir: str) -> None:
   """Creates the work directory and checks that a file can be written there, before any compile."""
   try:
@@ -411,7 +499,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        ) -> dict[str, Any]:
   """Trains every stage the config asks for, evaluates, and returns the evaluation report.
 
-  Resumes from the newest intact checkpoint in `workdir/checkpoints` when there is one.
+  Resumes from the newest intact checkpoint in `workdir/checkpoints` when there is one. When
+  checkpoints exist but none verifies, raises `checkpoint.NoGoodCheckpointError` naming each
+  damaged step, unless `config.checkpoint.restart_if_damaged` allows starting from step 0.
+  Holds the work directory's lock (`workdir_lock`) while it runs: a second training on the same
+  work directory raises `workdir_lock.WorkdirLockedError` naming the first. A stop signal
+  (SIGTERM/SIGINT) during the final evaluation stops it cleanly: the final checkpoint is saved,
+  so the same call evaluates again.
 
   Args:
     config: a config from `configs/` (see `config_lib.base_config`).
@@ -422,8 +516,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns:
     The evaluation report (also written to `workdir/eval/report.json`); with `config.dry_run` the
-    dry-run report instead, without training.
+    dry-run report instead, without training; after a stop signal `{'preempted': True, 'step':
+    the checkpointed step}`.
   """
+  # Released whatever the way out: the work directory's lock, the evaluation's signal handlers.
+  with contextlib.ExitStack() as cleanup:
+    try:
+      return _train_and_evaluate(config, workdir, metrics_callback, cleanup)
+    except _EvaluationInterrupted as e:
+      logging.warning("Received signal %d during the final evaluation; it was stopped. Checkpoint "
+                      "step %d (the end of training) is saved: rerun the same command to evaluate.",
+                      e.signum, e.step)
+      return {"preempted": True, "step": e.step, "interrupted": "evaluation"}
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        metrics_callback: Callable[[int, dict[str, float]], None] | None,
+                        cleanup: contextlib.ExitStack) -> dict[str, Any]:
+  """`train_and_evaluate`; what must be undone on the way out is pushed onto `cleanup`."""
   config_lib.validate(config)
   for f in ("image_size", "num_channels", "num_classes"):
     if f in config.model and config.model[f] != config.data[f]:
@@ -433,6 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.global_batch_size, mesh, jax.process_count())
   _prepare_workdir(workdir)
+  _lock_workdir(workdir, cleanup)
 
   train_ds, _ = training_splits(config)
   test_ds = input_pipeline.load_dataset(config.data, config.data.eval_split)
@@ -443,6 +554,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _check_config_json(config, workdir)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                async_save=config.checkpoint.async_save, fingerprint=fingerprint)
+  # Settled before anything is written: a refusal to resume leaves the work directory as it was.
+  restored_step = _resume_step(ckpt, config)
   _save_config(config, workdir)
 
   rules = sharding.RULES[config.mesh.param_sharding]
@@ -455,7 +568,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = _metric_writer(workdir)
   start_step = 0
   state = None
-  restored_step = ckpt.latest_good_step()
   stage = stages[0]
   if restored_step is not None:
     meta = ckpt.read_meta(restored_step)
@@ -551,6 +663,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   if state is None:  # Every stage was already done: restore the final parameters for evaluation.
     raise RuntimeError("internal: no state after training")
+  cleanup.enter_context(_StopEvaluationOnSignal(int(jax.device_get(state.step))))
   report = evaluation.evaluate_and_report(config, model, {"params": state.params,
                                                           "batch_stats": state.batch_stats},
                                           test_ds, mesh, workdir,

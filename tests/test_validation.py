@@ -8,6 +8,7 @@ table of cases and the messages they give (the README quotes it).
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import json
@@ -251,6 +252,14 @@ def c_read_only_workdir(tmp_path, mp):
       return real_open(path, flags, *args, **kwargs)
 
     mp.setattr(os, "open", read_only_open)
+    real_builtin_open = builtins.open  # What pathlib-style (etils.epath) writes go through.
+
+    def read_only_builtin_open(file, mode="r", *args, **kwargs):
+      if str(file).startswith(str(workdir)) and any(c in mode for c in "wax+"):
+        raise OSError(errno.EROFS, "Read-only file system", str(file))
+      return real_builtin_open(file, mode, *args, **kwargs)
+
+    mp.setattr(builtins, "open", read_only_builtin_open)
   try:
     config = digits_config()
     before = snapshot(workdir)
@@ -344,6 +353,71 @@ def c_eval_threshold_out_of_range(tmp_path, mp):
   return f"{type(e.value).__name__}: {e.value}"
 
 
+def _predictor_case(name, threshold=0.8, noise_std=0.0, indices=None, noise=False):
+  """A bad argument to the evaluation predictor: refused before anything is traced or compiled."""
+  def fn(tmp_path, mp):
+    config = digits_config()
+    model = models_base.build_model(config.model)
+    predict = evaluation.make_predict_fn(model, config.data, tau=1.0, routed=True, noise=noise)
+    images = np.zeros((4, 8, 8, 1), np.uint8)
+    with pytest.raises(ValueError) as e:
+      predict({}, images, threshold, indices=indices, noise_std=noise_std)  # {}: nothing runs.
+    return f"{type(e.value).__name__}: {e.value}"
+  fn.__name__ = f"c_{name}"
+  return fn
+
+
+c_eval_threshold_array_out_of_range = _predictor_case(
+    "eval_threshold_array_out_of_range", threshold=np.array([0.5, 1.5], np.float32))
+c_eval_noise_std_nan = _predictor_case("eval_noise_std_nan", noise_std=float("nan"), noise=True)
+c_eval_noise_std_negative = _predictor_case("eval_noise_std_negative", noise_std=-0.1, noise=True)
+c_eval_indices_wrong_length = _predictor_case("eval_indices_wrong_length",
+                                              indices=np.arange(3, dtype=np.int32), noise=True)
+
+
+def _config_case(name, overrides):
+  """A case whose bad value is a config field: refused by config_lib's schema."""
+  def fn(tmp_path, mp):
+    return train_message(digits_config(overrides), tmp_path / "w", mp, ValueError)
+  fn.__name__ = f"c_{name}"
+  return fn
+
+
+c_every_steps_zero = _config_case("every_steps_zero", {"checkpoint.every_steps": 0})
+c_log_every_steps_zero = _config_case("log_every_steps_zero", {"log_every_steps": 0})
+c_eval_batch_size_zero = _config_case("eval_batch_size_zero", {"eval.batch_size": 0})
+c_grad_clip_negative = _config_case("grad_clip_negative", {"train.grad_clip_norm": -1.0})
+c_momentum_out_of_range = _config_case("momentum_out_of_range", {"train.momentum": -1.5})
+c_warmup_negative = _config_case("warmup_negative", {"train.stage1.warmup_epochs": -1.0})
+c_crop_padding_negative = _config_case("crop_padding_negative", {"data.crop_padding": -1})
+c_keep_zero = _config_case("keep_zero", {"checkpoint.keep": 0})
+c_seed_negative = _config_case("seed_negative", {"seed": -1})
+c_calibration_fraction_one = _config_case("calibration_fraction_one", {"data.calibration_fraction": 1.0})
+c_tiny_temperature = _config_case("tiny_temperature", {"train.stage1.tau_init": 1e-30, "train.stage1.tau_floor": 1e-30})
+
+
+def c_no_verifying_checkpoint(tmp_path, mp):
+  workdir = tmp_path / "w"
+  make_earlier_run(workdir)
+  data = [p for p in (workdir / "checkpoints" / "2" / "params").rglob("*") if p.is_file()]
+  target = max(data, key=lambda p: p.stat().st_size)
+  raw = bytearray(target.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  target.write_bytes(bytes(raw))
+  return train_message(digits_config(), workdir, mp, ckpt_lib.NoGoodCheckpointError)
+
+
+def c_workdir_locked(tmp_path, mp):
+  from dynroute_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "w"
+  make_earlier_run(workdir)
+  (workdir / workdir_lock.LOCK_NAME).write_text(json.dumps({
+      "pid": 4242, "host": "node-7", "started": "2024-05-01T10:00:00+00:00",
+      "argv": ["dynroute_jax/main.py", "--config=configs/digits.py", f"--workdir={workdir}"],
+      "token": "0" * 32}))
+  return train_message(digits_config(), workdir, mp, workdir_lock.WorkdirLockedError)
+
+
 class Case(NamedTuple):
   name: str
   how: str
@@ -418,6 +492,51 @@ CASES = [
          r"images must have shape \[B, 8, 8, 1\].*got shape \(4, 16, 16, 1\)"),
     Case("evaluation threshold out of range", "`evaluate --thresholds=0.5,1.2`",
          c_eval_threshold_out_of_range, r"1\.2"),
+    Case("checkpoint interval 0", "`--config.checkpoint.every_steps=0`", c_every_steps_zero,
+         r"config\.checkpoint\.every_steps must be an int >= 1; got 0\."),
+    Case("log interval 0", "`--config.log_every_steps=0`", c_log_every_steps_zero,
+         r"config\.log_every_steps must be an int >= 1; got 0\."),
+    Case("evaluation batch 0", "`--config.eval.batch_size=0`", c_eval_batch_size_zero,
+         r"config\.eval\.batch_size must be an int >= 1; got 0\."),
+    Case("negative gradient clipping", "`--config.train.grad_clip_norm=-1`", c_grad_clip_negative,
+         r"config\.train\.grad_clip_norm must be a number >= 0 \(0 turns clipping off\); "
+         r"got -1\.0\."),
+    Case("momentum out of range", "`--config.train.momentum=-1.5`", c_momentum_out_of_range,
+         r"config\.train\.momentum must be a number in \[0, 1\); got -1\.5\."),
+    Case("negative warm-up", "`--config.train.stage1.warmup_epochs=-1`", c_warmup_negative,
+         r"config\.train\.stage1\.warmup_epochs must be a number >= 0; got -1\.0\."),
+    Case("negative crop padding", "`--config.data.crop_padding=-1`", c_crop_padding_negative,
+         r"config\.data\.crop_padding must be an int >= 0; got -1\."),
+    Case("keep no checkpoint", "`--config.checkpoint.keep=0`", c_keep_zero,
+         r"config\.checkpoint\.keep must be an int >= 1, or None .*; got 0\."),
+    Case("negative seed", "`--config.seed=-1`", c_seed_negative,
+         r"config\.seed must be an int in \[0, 4294967295\]; got -1\."),
+    Case("calibration takes the whole train split", "`--config.data.calibration_fraction=1.0`",
+         c_calibration_fraction_one,
+         r"config\.data\.calibration_fraction must be a number in \[0, 1\) .*; got 1\.0\."),
+    Case("tiny temperature", "`--config.train.stage1.tau_init=1e-30 "
+         "--config.train.stage1.tau_floor=1e-30`", c_tiny_temperature,
+         r"config\.train\.stage1\.tau_init must be a number >= 0\.001 .*; got 1e-30\."),
+    Case("no checkpoint verifies at resume", "the only checkpoint (step 2) with a flipped byte",
+         c_no_verifying_checkpoint,
+         r"NoGoodCheckpointError: Cannot resume: no checkpoint in .* verifies \(step 2: checksum "
+         r"mismatch in params/.*\)\. Nothing was changed\..*"
+         r"--config\.checkpoint\.restart_if_damaged=True"),
+    Case("threshold array out of range at evaluation", "the predictor called with thresholds "
+         "`np.array([0.5, 1.5])`", c_eval_threshold_array_out_of_range,
+         r"threshold must lie in \(0, 1\] .*every entry of an array too; got 1\.5 in an array "
+         r"of shape \(2,\)"),
+    Case("noise std NaN at evaluation", "the noisy predictor called with `noise_std=nan`",
+         c_eval_noise_std_nan, r"noise_std must be one finite number >= 0 .*; got nan"),
+    Case("negative noise std at evaluation", "the noisy predictor called with `noise_std=-0.1`",
+         c_eval_noise_std_negative, r"noise_std must be one finite number >= 0 .*; got -0\.1"),
+    Case("indices of the wrong length at evaluation", "3 indices for 4 images",
+         c_eval_indices_wrong_length,
+         r"indices must hold one int per image, shape \(4,\); got shape \(3,\) \(int32\)"),
+    Case("workdir used by another training", "a lock file held by pid 4242 on host node-7",
+         c_workdir_locked,
+         r"is in use by another training: pid 4242 on host 'node-7', started 2024-05-01.*"
+         r"use another --workdir"),
 ]
 
 
@@ -436,6 +555,81 @@ def test_all_configs_validate():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config_lib.validate(module.get_config())
+
+
+def _config_leaves(node, prefix=""):
+  for key, value in node.items():
+    path = f"{prefix}{key}"
+    if path == "model":
+      continue  # Checked by each model's from_config.
+    if hasattr(value, "keys"):
+      yield from _config_leaves(value, path + ".")
+    else:
+      yield path
+
+
+def test_every_config_field_has_a_schema_entry():
+  missing = sorted(set(_config_leaves(config_lib.base_config())) - set(config_lib.schema()))
+  assert not missing, (f"config fields without a declared type and range: {missing}; add them "
+                       "to config_lib.SCHEMA (or STAGE_SCHEMA for a stage field)")
+
+
+def _out_of_range(field):
+  """Values of `field`'s kind just outside its range (none for bool/str fields)."""
+  integer = field.kind == "int"
+  step = 1 if integer else 0.5
+  values = []
+  if field.lo is not None:
+    v = field.lo if field.lo_open else field.lo - step
+    while v in field.also:
+      v -= step
+    values.append(int(v) if integer else float(v))
+  if field.hi is not None:
+    values.append(int(field.hi + 1) if integer else
+                  float(field.hi if field.hi_open else field.hi + step))
+  if not integer:
+    values.append(float("nan"))
+  if field.kind == "numbers":
+    values = [(0.5, v) if field.lo is not None and field.lo < 0.5 else (v,) for v in values]
+  return values
+
+
+_NUMERIC = sorted(p for p, f in config_lib.schema().items() if f.kind in ("int", "number", "numbers"))
+
+
+@pytest.mark.parametrize("path", _NUMERIC)
+def test_schema_refuses_out_of_range_values(path):
+  """Walks the schema: each numeric field, just outside its range, is refused by name."""
+  import re  # pylint: disable=g-import-not-at-top
+  field = config_lib.schema()[path]
+  values = _out_of_range(field)
+  assert values, path
+  for value in values:
+    config = digits_config()
+    config_lib.validate(config)  # Valid as shipped.
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError) as e:
+      config_lib.validate(config)
+    msg = str(e.value)
+    name = re.escape(f"config.{path}")
+    if "threshold" in path:  # One hand-written check covers every threshold field.
+      name += r"|config\.eval\.threshold\(s\)"
+    assert re.search(name, msg), (value, msg)
+    shown = repr(value[-1] if isinstance(value, tuple) else value)
+    assert shown in msg or str(value) in msg, (value, msg)
+
+
+def test_schema_accepts_the_bounds():
+  """The range's closed ends are allowed (a bound off by one would refuse a legitimate value)."""
+  for path, field in config_lib.schema().items():
+    for bound, is_open in ((field.lo, field.lo_open), (field.hi, field.hi_open)):
+      if bound is None or is_open or field.kind == "numbers":
+        continue
+      assert field.ok(int(bound) if field.kind == "int" else float(bound)), (path, bound)
 
 
 def _table(tmp_root: Path) -> str:
