@@ -16,6 +16,12 @@ What it does:
      threshold meeting a MACs budget on a calibration split of the train set, writes
      WORKDIR/eval/report.json and the figures (WORKDIR/eval/*.png), and prints a table.
 
+Where the report goes: WORKDIR/eval/report.json is the report of the newest checkpoint step (the
+one the end of training evaluates, and writes there too). Evaluating any other step (an older
+--step, or the fallback when the newest step is damaged) writes WORKDIR/eval/step_<N>/report.json
+and its figures instead, with a warning saying so: the training's report is never replaced by an
+older step's. The report records where it went as `report_file`.
+
 Eval temperature: the router temperature of the checkpoint's step, recomputed from the config's
 schedule of the stage the checkpoint belongs to (for a finished run: the temperature training ended
 with, as the end-of-training evaluation uses). Recorded as `eval_tau`.
@@ -170,6 +176,9 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
         "work directory of a finished run.")
   mesh = _eval_mesh()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Step directories only (orbax's temporary ones have a suffix); damaged ones count as newest.
+  newest = max((int(name) for name in os.listdir(ckpt_dir) if name.isdigit()), default=None) if (
+      "://" not in os.fspath(ckpt_dir)) else None
   restored = ckpt_lib.restore_for_eval(ckpt_dir, step, sharding=replicated)
   meta = restored.meta
   ckpt_step = int(meta.get("step", step if step is not None else -1))
@@ -196,15 +205,36 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
                           "workdir": os.path.abspath(workdir)},
            "eval_tau_source": f"stage {stage} temperature schedule at step {ckpt_step}",
            "num_devices": int(mesh.devices.size)}
+  out_root, own_dir = workdir, newest is not None and ckpt_step != newest
+  if own_dir:
+    out_root = os.path.join(workdir, f".eval_step_{ckpt_step}.tmp")
+    target = os.path.join(workdir, "eval", f"step_{ckpt_step}")
+    why = (f"--step={ckpt_step} was asked for" if step is not None else
+           f"the newest step {newest} does not verify (see the warning above)")
+    logging.warning("Evaluating checkpoint step %d, not the newest checkpoint step %d (%s): the "
+                    "report and figures go to %s; %s is left as it is.", ckpt_step, newest, why,
+                    target, os.path.join(workdir, "eval", "report.json"))
+    if jax.process_index() == 0 and epath.Path(out_root).exists():
+      epath.Path(out_root).rmtree()  # Left by an evaluation that was interrupted.
+  extra["report_file"] = os.path.join(
+      workdir, "eval", *([f"step_{ckpt_step}"] if own_dir else []), "report.json")
   report = evaluation.evaluate_and_report(
       config, model, {"params": restored.params, "batch_stats": restored.batch_stats}, test_ds,
-      mesh, workdir, tau=tau, step=ckpt_step, thresholds=ts, strategy=strategy,
+      mesh, out_root, tau=tau, step=ckpt_step, thresholds=ts, strategy=strategy,
       calibration_ds=calibration_ds, target_macs=target_macs,
       instance_awareness=instance_awareness, noise_stds=tuple(noise_stds), plots=plots,
       tsne_max_points=tsne_max_points, extra=extra,
       # The trainer trains on the whole train split; see the module docstring.
       calibration_info={"calibration_fraction": float(config.data.calibration_fraction),
                         "calibration_held_out_from_training": True})
+  if own_dir and jax.process_index() == 0:
+    # Written under a temporary root (evaluation writes <root>/eval/), then moved into place.
+    final = epath.Path(target)
+    if final.exists():
+      final.rmtree()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    (epath.Path(out_root) / "eval").rename(final)
+    epath.Path(out_root).rmtree()
   return report
 
 
@@ -236,14 +266,14 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f"--noise_stds must be comma-separated numbers; got {FLAGS.noise_stds!r}.")
   try:
-    evaluate_workdir(FLAGS.workdir, step=FLAGS.step, thresholds=FLAGS.thresholds,
-                     strategy=FLAGS.strategy, target_macs=FLAGS.target_macs, plots=FLAGS.plots,
-                     instance_awareness=FLAGS.instance_awareness, noise_stds=noise,
-                     tsne_max_points=FLAGS.tsne_max_points)
+    report = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, thresholds=FLAGS.thresholds,
+                              strategy=FLAGS.strategy, target_macs=FLAGS.target_macs,
+                              plots=FLAGS.plots, instance_awareness=FLAGS.instance_awareness,
+                              noise_stds=noise, tsne_max_points=FLAGS.tsne_max_points)
   except (ValueError, ckpt_lib.CheckpointError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     sys.exit(2)
-  logging.info("Wrote %s", os.path.join(FLAGS.workdir, "eval", "report.json"))
+  logging.info("Wrote %s", report["report_file"])
 
 
 if __name__ == "__main__":
