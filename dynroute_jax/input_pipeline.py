@@ -57,7 +57,7 @@ TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped", "imagenet2012")
 # Per-channel mean and std of pixel values scaled to [0, 1] (training sets; digits: whole dataset).
 MEAN_STD = {
     "digits": ((0.30531,), (0.37589,)),
-    "digits_graded": ((0.25687,), (0.30604,)),
+    "digits_graded": ((0.26956,), (0.31456,)),
     "cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
     "cifar100": ((0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
     "svhn_cropped": ((0.4376821, 0.4437697, 0.47280442), (0.19803012, 0.20101562, 0.19703614)),
