@@ -41,6 +41,7 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -59,17 +60,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a training run saved as WORKDIR/config.json."""
   if not workdir:
     raise EvaluationSetupError("--workdir is empty: pass the run directory training wrote.")
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise EvaluationSetupError(f"Work directory {workdir} does not exist.")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.is_file():
     raise EvaluationSetupError(
         f"{path} not found: {workdir} is not a training work directory (training writes "
         "config.json and checkpoints/ there).")
   try:
-    with open(path) as f:
-      raw = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
+    raw = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise EvaluationSetupError(f"{path} is not readable JSON: {e}") from e
   if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or "name" not in raw["model"]:
     raise EvaluationSetupError(f"{path} has no model section (model.name): not a run config.")
@@ -170,7 +170,7 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
   config_lib.validate(config)
   model = models_base.build_model(config.model)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
+  if not epath.Path(ckpt_dir).is_dir() or not any(epath.Path(ckpt_dir).iterdir()):
     raise ckpt_lib.CheckpointNotFoundError(
         f"{workdir} holds no checkpoints ({ckpt_dir} is missing or empty): train first, or pass the "
         "work directory of a finished run.")
@@ -201,8 +201,9 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
       raise EvaluationSetupError(
           f"config.data.calibration_fraction={config.data.calibration_fraction} leaves no "
           "calibration examples for --target_macs.")
+  local = "://" not in os.fspath(workdir)
   extra = {"checkpoint": {"step": ckpt_step, "stage": stage, "fingerprint": recorded,
-                          "workdir": os.path.abspath(workdir)},
+                          "workdir": os.path.abspath(workdir) if local else os.fspath(workdir)},
            "eval_tau_source": f"stage {stage} temperature schedule at step {ckpt_step}",
            "num_devices": int(mesh.devices.size)}
   out_root, own_dir = workdir, newest is not None and ckpt_step != newest
@@ -261,6 +262,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
+  from dynroute_jax import compile_cache  # pylint: disable=g-import-not-at-top
+  from dynroute_jax import console  # pylint: disable=g-import-not-at-top
+  console.configure_for_program()
+  compile_cache.enable()
   try:
     noise = [float(s) for s in FLAGS.noise_stds.split(",") if s.strip()]
   except ValueError:
@@ -273,7 +278,7 @@ def main(argv):
   except (ValueError, ckpt_lib.CheckpointError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     sys.exit(2)
-  logging.info("Wrote %s", report["report_file"])
+  console.info(f"Wrote {report['report_file']}")
 
 
 if __name__ == "__main__":

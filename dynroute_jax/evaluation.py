@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Callable, Iterable, Sequence
 
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -540,20 +540,19 @@ def evaluate_and_report(config, model: nn.Module, variables: PyTree, test_ds, me
                       "per-channel mean/std)", noise_seed=NOISE_SEED),
     }
 
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = epath.Path(workdir) / "eval"  # Any filesystem etils.epath supports (gs://, ...).
   if plots and jax.process_index() == 0:
     from dynroute_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     report["plots"] = plots_lib.write_all(report, res_default, test_ds, out_dir,
                                           tsne_max_points=tsne_max_points, seed=int(config.seed))
   print(format_table(report))
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "report.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(report, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "report.json"))
-    logging.info("Wrote %s", os.path.join(out_dir, "report.json"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out_dir / "report.json")
+    logging.info("Wrote %s", out_dir / "report.json")
   return report
 
 

@@ -9,11 +9,17 @@ Exit status: 0 when training and evaluation finished, and also after SIGTERM/SIG
 checkpoint of the current step is saved (rerun the same command to resume); 2 for a bad input
 (config, data, work directory, checkpoints), with a one-line message; 1 for a fault during
 training (non-finite loss, a failed save), likewise.
+
+Output: one line per log interval, per compile and per checkpoint, then the evaluation table;
+libraries' INFO messages appear with absl's `--verbosity` (e.g. `-v 0`), see
+`dynroute_jax/console.py`. Compiled steps are kept in JAX's persistent compilation cache, so a
+rerun starts training sooner (`$DYNROUTE_JAX_CACHE`, see `dynroute_jax/compile_cache.py`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app
@@ -31,6 +37,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from dynroute_jax import compile_cache
+  from dynroute_jax import console
+  console.configure_for_program()
+  compile_cache.enable()
+  # The metric writer (and tfds) need TensorFlow: import it now, before other threads run.
+  console.import_quietly("tensorflow")
   # Multi-host set-up must come before any other JAX call.
   from dynroute_jax import distributed
   distributed.maybe_initialize(FLAGS.config.distributed)
@@ -47,6 +59,8 @@ def main(argv):
                     "resume.", report["step"])
     return
   logging.info("Report: %s", json.dumps(report, default=str)[:2000])
+  if not FLAGS.config.dry_run:
+    console.info(f"Wrote {os.path.join(FLAGS.workdir, 'eval', 'report.json')}")
 
 
 def _fail(error: BaseException, status: int) -> None:

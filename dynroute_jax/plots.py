@@ -10,7 +10,8 @@
   * extremes.png: the test images with the lowest and the highest executed MACs (DRNet Fig. 3,
     CoDiNet Fig. 11), titled with MACs, label and prediction.
 
-`write_all(report, res, test_ds, out_dir)` writes all of them and returns the file names.
+`write_all(report, res, test_ds, out_dir)` writes all of them and returns the file names; `out_dir`
+may be on any filesystem etils.epath supports (gs://, ...).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from etils import epath
 import numpy as np
 
 FILES = ("accuracy_vs_macs.png", "selection.png", "tsne_paths.png", "extremes.png")
@@ -34,13 +36,15 @@ def _mega(x: float) -> float:
   return x / 1e6
 
 
-def _save(fig, path: str) -> str:
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+def _save(fig, path: str | os.PathLike[str]) -> str:
+  """Writes the PNG through etils.epath, so `path` may be on any filesystem it supports."""
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
   _pyplot().close(fig)
-  return path
+  return os.fspath(path)
 
 
-def accuracy_vs_macs(report: dict[str, Any], path: str) -> str:
+def accuracy_vs_macs(report: dict[str, Any], path: str | os.PathLike[str]) -> str:
   plt = _pyplot()
   sweep = report["thresholds"]
   ts = sorted(sweep, key=float)
@@ -64,7 +68,7 @@ def accuracy_vs_macs(report: dict[str, Any], path: str) -> str:
   return _save(fig, path)
 
 
-def selection(report: dict[str, Any], path: str) -> str:
+def selection(report: dict[str, Any], path: str | os.PathLike[str]) -> str:
   """Branch selection ratios per cell (DRNet) or run ratio per block (CoDiNet), at the threshold."""
   plt = _pyplot()
   s = report["thresholds"][f"{report['threshold']:g}"]
@@ -110,8 +114,8 @@ def _subset(n: int, max_points: int) -> np.ndarray:
   return np.unique(np.linspace(0, n - 1, max_points).round().astype(np.int64))
 
 
-def tsne_paths(paths: np.ndarray, labels: np.ndarray, macs: np.ndarray, path: str, *,
-               max_points: int = 2000, seed: int = 0) -> str:
+def tsne_paths(paths: np.ndarray, labels: np.ndarray, macs: np.ndarray,
+               path: str | os.PathLike[str], *, max_points: int = 2000, seed: int = 0) -> str:
   """t-SNE of routing paths [N, P], coloured by class and by executed MACs."""
   from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
   plt = _pyplot()
@@ -142,7 +146,7 @@ def tsne_paths(paths: np.ndarray, labels: np.ndarray, macs: np.ndarray, path: st
 
 
 def extremes(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, macs: np.ndarray,
-             path: str) -> str:
+             path: str | os.PathLike[str]) -> str:
   """Two rows of images: the first half of the arguments is drawn as "fewest MACs", the second half
   as "most MACs" (`write_all` passes the k lowest- and k highest-MACs test images)."""
   plt = _pyplot()
@@ -169,21 +173,23 @@ def extremes(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, ma
   return _save(fig, path)
 
 
-def write_all(report: dict[str, Any], res: dict[str, np.ndarray], test_ds, out_dir: str, *,
-              tsne_max_points: int = 2000, seed: int = 0, k: int = 8) -> list[str]:
+def write_all(report: dict[str, Any], res: dict[str, np.ndarray], test_ds,
+              out_dir: str | os.PathLike[str], *, tsne_max_points: int = 2000, seed: int = 0,
+              k: int = 8) -> list[str]:
   """Writes every figure into `out_dir`; `res` is the routed pass at the config's threshold."""
-  os.makedirs(out_dir, exist_ok=True)
-  written = [accuracy_vs_macs(report, os.path.join(out_dir, FILES[0])),
-             selection(report, os.path.join(out_dir, FILES[1])),
-             tsne_paths(res["path"], res["label"], res["macs"], os.path.join(out_dir, FILES[2]),
+  out_dir = epath.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  written = [accuracy_vs_macs(report, out_dir / FILES[0]),
+             selection(report, out_dir / FILES[1]),
+             tsne_paths(res["path"], res["label"], res["macs"], out_dir / FILES[2],
                         max_points=tsne_max_points, seed=seed)]
   order = np.argsort(res["macs"], kind="stable")
   kk = int(min(k, max(1, len(order) // 2)))
   sel = np.concatenate([order[:kk], order[::-1][:kk]])
   images, _ = test_ds.get(res["index"][sel])
   written.append(extremes(images, res["label"][sel], res["prediction"][sel], res["macs"][sel],
-                          os.path.join(out_dir, FILES[3])))
-  return [os.path.basename(p) for p in written]
+                          out_dir / FILES[3]))
+  return [epath.Path(p).name for p in written]
 
 
 __all__ = ["FILES", "accuracy_vs_macs", "selection", "tsne_paths", "extremes", "write_all"]

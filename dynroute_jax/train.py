@@ -22,12 +22,13 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from typing import Any, Callable
+import uuid
 
 from absl import logging
+from etils import epath
 import flax
 import flax.linen as nn
 import jax
@@ -38,6 +39,7 @@ import optax
 
 from dynroute_jax import checkpoint as ckpt_lib
 from dynroute_jax import config_lib
+from dynroute_jax import console
 from dynroute_jax import distributed
 from dynroute_jax import evaluation
 from dynroute_jax import input_pipeline
@@ -416,39 +418,45 @@ def _resume_step(ckpt: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict)
   return None
 
 
-def _prepare_workdir(workdir: str) -> None:
-  """Creates the work directory and checks that a file can be written there, before any compile."""
+def _prepare_workdir(workdir: str | os.PathLike[str]) -> None:
+  """Creates the work directory and checks that a file can be written there, before any compile.
+
+  Any filesystem etils.epath supports works (local, gs://, ...), through the same calls.
+  """
+  path = epath.Path(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
-      pass
-  except OSError as e:
-    raise OSError(e.errno, f"Cannot write to work directory {workdir} ({e.strerror or e}). Choose "
-                  "another --workdir or fix its permissions; nothing was written.") from e
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{uuid.uuid4().hex}"
+    probe.write_text("")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    # Remote backends raise their own error types (e.g. tf.errors.OpError); report them alike.
+    raise OSError(getattr(e, "errno", None), f"Cannot write to work directory {workdir} "
+                  f"({getattr(e, 'strerror', None) or e}). Choose another --workdir or fix its "
+                  "permissions; nothing was written.") from e
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def _save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> None:
   """Writes the resolved config; a workdir holding another model's config is refused untouched."""
-  path = os.path.join(workdir, "config.json")
+  path = epath.Path(workdir) / "config.json"
   new = _check_config_json(config, workdir)
   if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
+    tmp.replace(path)  # Atomic on local filesystems; a copy and delete on object stores.
 
 
-def _check_config_json(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _check_config_json(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
+                       ) -> dict[str, Any]:
   """Raises if workdir/config.json belongs to another model; returns the config as JSON data."""
-  path = os.path.join(workdir, "config.json")
+  path = epath.Path(workdir) / "config.json"
   new = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        old = json.load(f)
-      except json.JSONDecodeError:
-        old = None
-    if old is not None and old.get("model") != new.get("model"):
+  if path.exists():
+    try:
+      old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      old = None
+    if isinstance(old, dict) and old.get("model") != new.get("model"):
       raise ValueError(
           f"Workdir {workdir} holds a run of another model (config.json model section differs: "
           f"{old.get('model', {}).get('name')}/{old.get('model', {}).get('variant')} there, "
@@ -457,9 +465,19 @@ def _check_config_json(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return new
 
 
-def _metric_writer(workdir: str):
+def _metric_writer(workdir: str | os.PathLike[str]):
+  """TensorBoard summaries of every metric (process 0), echoed as key=value lines only if verbose.
+
+  CLU's default writer always echoes each write as one long INFO line; the console gets the short
+  progress lines of `console.step_line` instead.
+  """
   from clu import metric_writers  # Imported lazily: it pulls TensorFlow's summary writer.
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writers = []
+  if jax.process_index() == 0:
+    writers.append(metric_writers.SummaryWriter(os.fspath(workdir)))
+  if console.is_verbose():
+    writers.append(metric_writers.LoggingWriter())
+  return metric_writers.AsyncMultiWriter(writers)
 
 
 def _host_scalars(metrics: dict[str, Array]) -> dict[str, float]:
@@ -582,7 +600,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        params=items["params"], batch_stats=items["batch_stats"],
                        opt_state=items["opt_state"])
     start_step = restored_step
-    logging.info("Resumed from step %d (stage %d).", restored_step, stage.index)
+    console.info(f"Resumed from step {restored_step} (stage {stage.index}).")
 
   preempted = False
   with _Preemption(on_error=ckpt.close) as preemption:
@@ -611,7 +629,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       compiled = jitted.lower(abstract, batch_abstract, jax.ShapeDtypeStruct(
           base_key.shape, base_key.dtype, sharding=replicated)).compile()
       compile_s = time.time() - t0
-      logging.info("Stage %d: compiled the train step in %.1f s.", stage.index, compile_s)
+      console.info(f"stage {stage.index}  compiled the train step in {compile_s:.1f} s")
       if config.dry_run:
         report = {"stage": stage.index, "compile_seconds": compile_s,
                   "report": sharding.dry_run_report(
@@ -688,8 +706,11 @@ def _replicated(make: Callable[[], Array], sharding: jax.sharding.Sharding) -> A
 def _save(ckpt, step: int, state: TrainState, stage: Stage, config, force: bool = False) -> None:
   meta = {"step": step, "stage": stage.index, "model": config.model.name,
           "variant": config.model.get("variant", ""), "time": time.time()}
-  ckpt.save(step, params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state,
-            meta=meta, force=force)
+  started = ckpt.save(step, params=state.params, batch_stats=state.batch_stats,
+                      opt_state=state.opt_state, meta=meta, force=force)
+  if started:
+    console.info(f"checkpoint step {step}" + ("  (saving in the background)"
+                                               if config.checkpoint.async_save else "  saved"))
 
 
 class _StepMonitor:
@@ -732,3 +753,5 @@ class _StepMonitor:
       host["eta_minutes"] = (self.total_steps - step - 1) / max(sps, 1e-9) / 60
       host["stage"] = self.stage.index
       self.writer.write_scalars(step + 1, host)
+      console.info(console.step_line(self.stage.index, step + 1, self.total_steps, host, sps,
+                                     host["eta_minutes"] * 60))

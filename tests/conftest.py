@@ -1,14 +1,30 @@
-"""Shared test fixtures: quiet TensorFlow logging and a factory of tiny training configs."""
+"""Shared test fixtures: quiet TensorFlow logging, a shared compilation cache, and a factory of tiny
+training configs."""
 
 import importlib.util
 import os
 import pathlib
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+from dynroute_jax import compile_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# One persistent compilation cache per checkout (.jax_cache/, git-ignored), shared by the
+# pytest-xdist workers and by every subprocess a test starts: they inherit these variables and
+# JAX reads them at import. Many tests compile the same tiny configs, so only the first compiles.
+# DYNROUTE_JAX_CACHE=off turns it off; a JAX_COMPILATION_CACHE_DIR of your own wins.
+CACHE_DIR = compile_cache.resolve_dir(os.environ.get(compile_cache.ENV_VAR, REPO / ".jax_cache"))
+if CACHE_DIR is not None:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                        str(compile_cache.MIN_COMPILE_TIME_S))
+  if "jax" in sys.modules:  # Imported before this file (a plugin): configure it directly.
+    compile_cache.enable(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def load_config_module(name: str):

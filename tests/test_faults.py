@@ -38,6 +38,9 @@ TINY_ARGS = [
     "--config.model.init_channels=4",
     "--config.train.global_batch_size=16",
     "--config.eval.thresholds=(0.8,)",
+    # These tests read the full log: CLU's key=value metric lines and orbax's temporary
+    # directories, which only a verbose run prints.
+    "--verbosity=0",
 ]
 RUN_TIMEOUT_S = 900  # A single run; generous for loaded 2-core machines.
 STEP_LINE = re.compile(r"\] \[(\d+)\] .*loss/total")
@@ -47,7 +50,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> str:
-  return str(tmp_path_factory.mktemp("jax_cache"))
+  # The suite's shared cache (tests/conftest.py) when there is one: other tests compile this config.
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _env(cache_dir: str) -> dict[str, str]:

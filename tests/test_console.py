@@ -1,0 +1,90 @@
+"""Console output: the progress line format, and a real run's output is short and library-quiet."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynroute_jax import compile_cache
+from dynroute_jax import console
+
+REPO = Path(__file__).resolve().parents[1]
+# The fault tests' tiny DRNet (tests/test_faults.py): with the shared compilation cache, whichever
+# of them runs first compiles it for the others.
+TINY_ARGS = [
+    "--config=configs/digits.py",
+    "--config.train.stage1.steps=4",
+    "--config.train.stage2.steps=2",
+    "--config.checkpoint.every_steps=2",
+    "--config.log_every_steps=2",
+    "--config.model.num_nodes=1",
+    "--config.model.init_channels=4",
+    "--config.train.global_batch_size=16",
+    "--config.eval.thresholds=(0.8,)",
+]
+STEP_LINE = re.compile(r"^stage (?P<stage>\d)  step (?P<done>\d+)/(?P<total>\d+)  loss \S+  "
+                       r"acc \d\.\d{3}  tau \d+\.\d\d  \S+ step/s  ETA (\d+s|\d+m\d\ds|\d+h\d\dm|\?)$")
+# absl's prefix (I1202 04:36:19.407 123 file.py:12]) marks a log record; quiet runs print none at
+# INFO, and nothing of orbax's or CLU's key=value echo at all.
+INFO_RECORD = re.compile(r"^I\d{4} \d\d:\d\d:\d\d")
+
+
+def test_step_line_format():
+  line = console.step_line(1, 200, 700, {"loss/total": 0.0431, "accuracy": 0.984375, "tau": 3.0,
+                                         "lr": 0.1}, 1.2, 411.0)
+  assert line == "stage 1  step 200/700  loss 0.043  acc 0.984  tau 3.00  1.2 step/s  ETA 6m51s"
+  assert STEP_LINE.match(line)
+  assert console.step_line(2, 5, 6, {"loss/total": 2.3456}, 25.0, 3) == (
+      "stage 2  step 5/6  loss 2.35  25 step/s  ETA 3s")
+
+
+@pytest.mark.parametrize("seconds,text", [(0, "0s"), (59.4, "59s"), (60, "1m00s"), (411, "6m51s"),
+                                          (3725, "1h02m"), (float("nan"), "?"), (-1, "?")])
+def test_format_duration(seconds, text):
+  assert console.format_duration(seconds) == text
+
+
+def test_compile_cache_dir_resolution(monkeypatch, tmp_path):
+  monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert compile_cache.resolve_dir() == str(tmp_path / "dynroute_jax" / "jax_cache")
+  monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path / "c"))
+  assert compile_cache.resolve_dir() == str(tmp_path / "c")
+  for off in ("off", "0", "", "None"):
+    monkeypatch.setenv(compile_cache.ENV_VAR, off)
+    assert compile_cache.resolve_dir() is None
+  assert compile_cache.resolve_dir(tmp_path / "d") == str(tmp_path / "d")
+
+
+@pytest.mark.slow
+def test_training_output_is_one_line_per_event(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # One CPU device, as the fault tests' runs.
+  proc = subprocess.run([sys.executable, "-m", "dynroute_jax.main", *TINY_ARGS,
+                         f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-4000:]
+  lines = [l for l in out.splitlines() if l.strip()]
+  steps = [m.groupdict() for m in map(STEP_LINE.match, proc.stdout.splitlines()) if m]
+  # log_every_steps=2 and the end of each stage: steps 2 and 4 (stage 1), 6 (stage 2).
+  assert [(s["stage"], s["done"], s["total"]) for s in steps] == [
+      ("1", "2", "6"), ("1", "4", "6"), ("2", "6", "6")], proc.stdout
+  assert sum(bool(re.match(r"^stage [12]  compiled the train step in \d+\.\d s$", l))
+             for l in lines) == 2, proc.stdout
+  assert [l for l in lines if l.startswith("checkpoint step ")] == [
+      f"checkpoint step {s}  (saving in the background)" for s in (2, 4, 6)], proc.stdout
+  assert "threshold  accuracy" in proc.stdout  # The report table.
+  assert proc.stdout.rstrip().endswith(f"Wrote {workdir}/eval/report.json")
+  noise = [l for l in lines if INFO_RECORD.match(l) or "orbax" in l or "loss/total=" in l
+           or "oneDNN" in l]
+  assert not noise, "\n".join(noise[:20])
+  assert len(lines) <= 40, out
+  # Every metric still goes to the TensorBoard summaries.
+  assert list(workdir.glob("events.out.tfevents.*")), sorted(p.name for p in workdir.iterdir())
