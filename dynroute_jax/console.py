@@ -149,7 +149,8 @@ def step_line(stage: int, done: int, total: int, metrics: Mapping[str, float],
     parts.append(f"acc {float(metrics['accuracy']):.3f}")
   if "tau" in metrics:
     parts.append(f"tau {float(metrics['tau']):.2f}")
-  parts.append(f"{steps_per_sec:.3g} step/s" if steps_per_sec < 10 else f"{steps_per_sec:.0f} step/s")
+  rate = f"{steps_per_sec:.3g}" if steps_per_sec < 10 else f"{steps_per_sec:.0f}"
+  parts.append(f"{rate} step/s")
   parts.append(f"ETA {format_duration(eta_seconds)}")
   return "  ".join(parts)
 

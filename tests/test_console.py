@@ -28,7 +28,8 @@ TINY_ARGS = [
     "--config.eval.thresholds=(0.8,)",
 ]
 STEP_LINE = re.compile(r"^stage (?P<stage>\d)  step (?P<done>\d+)/(?P<total>\d+)  loss \S+  "
-                       r"acc \d\.\d{3}  tau \d+\.\d\d  \S+ step/s  ETA (\d+s|\d+m\d\ds|\d+h\d\dm|\?)$")
+                       r"acc \d\.\d{3}  tau \d+\.\d\d  \S+ step/s  "
+                       r"ETA (\d+s|\d+m\d\ds|\d+h\d\dm|\?)$")
 # absl's prefix (I1202 04:36:19.407 123 file.py:12]) marks a log record; quiet runs print none at
 # INFO, and nothing of orbax's or CLU's key=value echo at all.
 INFO_RECORD = re.compile(r"^I\d{4} \d\d:\d\d:\d\d")

@@ -1,4 +1,4 @@
-"""Work directories through etils.epath: the calls a gs:// bucket takes, exercised on local paths."""
+"""Work directories through etils.epath: the calls a gs:// bucket takes, run on local paths."""
 
 from __future__ import annotations
 
