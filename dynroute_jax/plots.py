@@ -9,6 +9,8 @@
     executed MACs (CoDiNet Fig. 6 / 11).
   * extremes.png: the test images with the lowest and the highest executed MACs (DRNet Fig. 3,
     CoDiNet Fig. 11), titled with MACs, label and prediction.
+  * the accuracy-vs-MACs figure also draws the static counterpart's sweep (report['static']);
+  * macs_per_level.png: box plots of executed MACs per difficulty level (datasets with levels).
 
 `write_all(report, res, test_ds, out_dir)` writes all of them and returns the file names; `out_dir`
 may be on any filesystem etils.epath supports (gs://, ...).
@@ -23,6 +25,8 @@ from etils import epath
 import numpy as np
 
 FILES = ("accuracy_vs_macs.png", "selection.png", "tsne_paths.png", "extremes.png")
+# Written too when the dataset has difficulty levels (e.g. digits_graded).
+LEVEL_FILE = "macs_per_level.png"
 
 
 def _pyplot():
@@ -56,6 +60,11 @@ def accuracy_vs_macs(report: dict[str, Any], path: str | os.PathLike[str]) -> st
     ax.annotate(f"T={t}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
   ax.plot([_mega(report["macs_all"])], [100 * report["accuracy_all"]], "s", color="k",
           label="all branches")
+  st = report.get("static")
+  if st and st.get("sweep"):
+    pts = sorted((v["macs_mean"], v["accuracy"]) for v in st["sweep"].values())
+    ax.plot([_mega(m) for m, _ in pts], [100 * a for _, a in pts], "^--", color="tab:gray",
+            label="static counterpart (mean routing, no routers)")
   b = report.get("budget")
   if b and b.get("feasible") and "test" in b:
     ax.plot([_mega(b["test"]["macs_mean"])], [100 * b["test"]["accuracy"]], "*", ms=12,
@@ -189,7 +198,22 @@ def write_all(report: dict[str, Any], res: dict[str, np.ndarray], test_ds,
   images, _ = test_ds.get(res["index"][sel])
   written.append(extremes(images, res["label"][sel], res["prediction"][sel], res["macs"][sel],
                           out_dir / FILES[3]))
+  if "level" in res:
+    written.append(macs_per_level(res["macs"], res["level"], out_dir / LEVEL_FILE))
   return [epath.Path(p).name for p in written]
 
 
-__all__ = ["FILES", "accuracy_vs_macs", "selection", "tsne_paths", "extremes", "write_all"]
+def macs_per_level(macs: np.ndarray, levels: np.ndarray, path) -> str:
+  """Box plots of executed MACs per example, one box per difficulty level."""
+  plt = _pyplot()
+  lv = np.unique(levels)
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  ax.boxplot([_mega(np.asarray(macs, np.float64)[levels == v]) for v in lv])
+  ax.set_xticks(range(1, len(lv) + 1), [str(int(v)) for v in lv])
+  ax.set_xlabel("difficulty level")
+  ax.set_ylabel("executed MACs per example (M)")
+  ax.set_title("compute per difficulty level")
+  return _save(fig, path)
+
+
+__all__ = ["FILES", "LEVEL_FILE", "macs_per_level", "accuracy_vs_macs", "selection", "tsne_paths", "extremes", "write_all"]

@@ -372,3 +372,28 @@ def test_cli_on_two_devices_matches(run, tmp_path):
   assert report["accuracy_all"] == pytest.approx(run["report"]["accuracy_all"], abs=1e-9)
   assert report["macs_routed_mean"] == pytest.approx(run["report"]["macs_routed_mean"], rel=1e-6)
   assert "threshold" in p.stdout and "0.8*" in p.stdout
+
+
+def test_restore_facade_matches_the_evaluation(run):
+  import dynroute_jax  # pylint: disable=g-import-not-at-top
+  clf = dynroute_jax.restore(run["workdir"])
+  assert clf.image_shape == (8, 8, 1) and clf.step == 5 and clf.threshold == 0.8
+  test_ds = input_pipeline.load_dataset(run["cfg"].data, "test")
+  out = clf(test_ds.images, strategy="dense")
+  report = run["report"]
+  assert out["logits"].shape == (len(test_ds), 10) and out["macs"].shape == (len(test_ds),)
+  assert out["executed"].dtype == bool and out["executed"].shape[0] == len(test_ds)
+  assert np.mean(out["prediction"] == test_ds.labels) == pytest.approx(report["accuracy_routed"])
+  assert np.mean(out["macs"]) == pytest.approx(report["macs_routed_mean"], rel=1e-6)
+  # Per example, the same logits as the evaluation's predictor on the same checkpoint.
+  predictor = evaluation.make_predict_fn(run["model"], run["cfg"].data, tau=report["eval_tau"],
+                                         routed=True)
+  ref = predictor(run["variables"], test_ds.images, 0.8)
+  np.testing.assert_allclose(out["logits"], np.asarray(ref["logits"]), rtol=1e-5, atol=1e-5)
+  # A skipping strategy returns the same outputs.
+  chunk = clf(test_ds.images[:40], threshold=0.5, strategy="chunk")
+  dense = clf(test_ds.images[:40], threshold=0.5, strategy="dense")
+  np.testing.assert_allclose(chunk["logits"], dense["logits"], rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(chunk["executed"], dense["executed"])
+  with pytest.raises(ValueError, match="threshold"):
+    clf(test_ds.images[:2], threshold=1.5)
