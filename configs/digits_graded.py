@@ -41,46 +41,23 @@ CoDiNet (ResNet-14; all-block MACs 1.639M; cost Eq. 11 on correctly classified i
 """
 
 from dynroute_jax import config_lib
-from dynroute_jax.models import codinet
-from dynroute_jax.models import drnet
 
 
 def get_config(arg: str = "drnet"):
   if arg not in ("drnet", "codinet"):
     raise ValueError(f"configs/digits_graded.py variant must be 'drnet' or 'codinet'; got {arg!r}.")
-  c = config_lib.base_config()
-  c.seed = 0
-  c.data.update(dict(name="digits_graded", image_size=8, num_channels=1, num_classes=10,
-                     crop_padding=1, flip=False, cutout=0))
-  c.train.global_batch_size = 64
-  c.train.weight_decay = 3e-4
-  c.eval.batch_size = 360
-  c.checkpoint.every_steps = 200
-  c.log_every_steps = 100
-
+  # The digits recipe (model, splits, batch, schedule lengths) on the graded images.
+  c = config_lib.sibling_config(__file__, "digits").get_config(arg)
+  c.data.name = "digits_graded"
   if arg == "drnet":
-    c.model = drnet.default_config("tiny", num_classes=10, image_size=8, num_channels=1)
-    c.model.aux_head = False
-    c.train.stage1 = config_lib.stage_config(
-        epochs=20, lr=0.05, lr_schedule="cosine", tau_init=3.0, tau_floor=3.0)
-    c.train.stage2 = config_lib.stage_config(
-        epochs=15, lr=0.01, lr_schedule="cosine", tau_init=1.0, tau_decay_per_epoch=0.05,
-        tau_floor=0.5, resource_weight=1.0)
+    c.train.resource_cost = "branches"  # Eq. 8 as the paper writes it.
     c.train.router_lr_multiplier = 3.0
-    c.eval.threshold = 0.8
+    c.train.stage2.resource_weight = 1.0
   else:
-    c.model = codinet.default_config("resnet14", num_classes=10, image_size=8, num_channels=1)
-    c.data.num_views = 2
-    c.train.weight_decay = 1e-4
     c.train.cost_on_correct_only = True
     c.train.router_logit_weight = 0.05
     c.train.path_loss_input = "clean"
     c.train.router_lr_multiplier = 3.0
-    c.train.stage1 = config_lib.stage_config(
-        epochs=30, lr=0.1, lr_schedule="cosine", consistency_weight=0.2, diversity_weight=1.0,
-        cost_weight=0.3, tau_init=5.0, tau_decay_per_epoch=0.08, tau_floor=1.0)
-    c.train.stage2 = config_lib.stage_config(
-        epochs=10, lr=0.01, lr_schedule="cosine", freeze_routers=True, hard_decisions=True)
-    c.eval.threshold = 0.5
-    c.eval.thresholds = (0.3, 0.4, 0.5, 0.6, 0.7)
+    c.train.stage1.update(dict(diversity_weight=1.0, cost_weight=0.3, tau_init=5.0,
+                               tau_decay_per_epoch=0.08, tau_floor=1.0))
   return c

@@ -308,9 +308,7 @@ class _Preemption:
     self._on_error = on_error
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for s in (signal.SIGTERM, signal.SIGINT):
-        self._old[s] = signal.signal(s, self._handle)
+    self._old = _install_stop_handlers(self._handle)
     return self
 
   def _handle(self, signum, frame):
@@ -330,6 +328,13 @@ class _Preemption:
         logging.exception("While stopping on %s, finishing the last checkpoint failed:",
                           exc_type.__name__)
     return False
+
+
+def _install_stop_handlers(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+  """Installs `handler` for SIGTERM and SIGINT (main thread only); returns the previous ones."""
+  if threading.current_thread() is not threading.main_thread():
+    return {}
+  return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
 class _EvaluationInterrupted(BaseException):
@@ -353,9 +358,7 @@ class _StopEvaluationOnSignal:
     self._old = {}
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for s in (signal.SIGTERM, signal.SIGINT):
-        self._old[s] = signal.signal(s, self._handle)
+    self._old = _install_stop_handlers(self._handle)
     return self
 
   def _handle(self, signum, frame):
