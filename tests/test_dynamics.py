@@ -161,3 +161,14 @@ def test_codinet_report_has_dynamics_and_static_sweep(tmp_path):
   assert min(s["macs_mean"] for s in st["sweep"].values()) < report["macs_all"]
   text = evaluation.format_table(report)
   assert "static counterpart" in text and "per level" in text
+
+
+def test_best_subset_baseline_covers_every_block_subset(tmp_path):
+  report = _graded_report(tmp_path, "codinet")
+  bs = report["static"]["best_subset"]
+  assert bs["num_subsets"] == 2 ** 6
+  # The envelope of all subsets includes the nested ones: never worse than the mean-router sweep.
+  assert (bs["static_accuracy_at_routed_macs"]
+          >= report["static"]["static_accuracy_at_routed_macs"] - 1e-9
+          or report["static"]["extrapolated"])
+  assert "best fixed subset" in evaluation.format_table(report)
