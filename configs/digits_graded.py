@@ -27,6 +27,11 @@ DRNet (tiny; all-branch MACs 1.226M):
 |---|---|---|---|---|---|---|---|---|
 | d1 | Eq. 8 over branch costs, lambda 0.5 | 0.780 | 0.830M | 359 (0) | 1.10 | +0.50 | +0.48 | -0.56 |
 | d2 (default) | lambda 1.0, router lr x3 | 0.713 | 0.351M | 343 (0) | 1.09 | +0.40 | +0.34 | +2.86 |
+| d3 | lambda 1.0, router lr x10 | 0.699 | 0.305M | 3 (3) | 1.00 | n/a (constant MACs) | n/a | +4.46 (extrapolated: below the static sweep's cheapest point) |
+
+DRNet's masks differ per image (d1, d2) but its MACs barely do (CV 7%): the kept branches change,
+their costs do not. d2 ranks MACs by level (+0.40) and beats the static counterpart, yet level-3
+images cost only 9% more than clean ones.
 
 CoDiNet (ResNet-14; all-block MACs 1.639M; cost Eq. 11 on correctly classified images only):
 | run | change | acc routed | MACs | paths (>= 1%) | const | L3/L0 | Sp(level) | Sp(loss) | gap |
