@@ -389,7 +389,10 @@ def _lock_workdir(workdir: str, cleanup: contextlib.ExitStack) -> None:
     lock.acquire()
   except workdir_lock.WorkdirLockedError as e:
     error = e
-  if distributed.any_process(error is not None):
+  # One process decides alone (no collective, so the step loop's agreement calls stay per step).
+  failed = (distributed.any_process(error is not None) if jax.process_count() > 1
+            else error is not None)
+  if failed:
     raise error or workdir_lock.WorkdirLockedError(
         f"Process 0 could not lock work directory {workdir}: another training uses it (process "
         "0's error names it).")
