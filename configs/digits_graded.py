@@ -12,8 +12,9 @@ the routed model with its static counterpart at equal cost (`report['static']`).
 Variants: drnet (default, DRNet tiny), codinet (routed ResNet-14). Same splits as digits (1295
 train, 143 calibration, 359 test).
 
-Measured wall times (2-core CPU shared with other jobs, so upper bounds): DRNet 12 min, CoDiNet
-3 min, compilation and evaluation included.
+Measured wall times on a 2-core CPU shared with other jobs (so upper bounds), compilation and
+evaluation included: DRNet 6m45s (d2 below; 12 min under heavier load), CoDiNet 1-4 min (57 s
+with a warm compilation cache).
 Targets (test split, deterministic evaluation): level-3 MACs >= 1.3 x level-0 MACs; Spearman(MACs,
 level) >= 0.4; routed accuracy >= static counterpart + 1 point at the routed mean MACs; CoDiNet
 >= 8 paths each used by >= 1% of the images, at most half of the routers constant.
