@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dynroute_jax import dispatch  # noqa: E402
-from dynroute_jax.models import base as models_base  # noqa: E402
+from dynroute_jax import models  # noqa: E402
 from dynroute_jax.models import codinet as codinet_lib  # noqa: E402
 from dynroute_jax.models import drnet as drnet_lib  # noqa: E402
 
@@ -312,7 +312,7 @@ def build_controlled(name: str, args) -> tuple[Bench, dict, float]:
     cfg = drnet_cifar10.get_config("S")
     cfg.model.aux_head = False  # training only; not part of inference
     threshold = 0.8
-  model = models_base.build_model(cfg.model)
+  model = models.build_model(cfg.model)
   shape = (32, 32, 3)
   bench = Bench(name, model, cfg.model.name, shape, tau=1.0)
   variables = init_variables(model, shape)
@@ -330,7 +330,7 @@ def build_digits(name: str, workdir: str) -> tuple[Bench, dict, np.ndarray]:
   if not workdir:
     raise SystemExit(f"--{name}_workdir is needed for model {name} (a finished digits run).")
   config = evaluate.load_config(workdir)
-  model = models_base.build_model(config.model)
+  model = models.build_model(config.model)
   restored = ckpt_lib.restore_for_eval(os.path.join(workdir, "checkpoints"))
   step = int(restored.meta.get("step", -1))
   train_ds = input_pipeline.load_dataset(config.data, config.data.train_split)

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from dynroute_jax import input_pipeline, losses, sharding, train  # noqa: E402
-from dynroute_jax.models import base as models_base  # noqa: E402
+from dynroute_jax import models  # noqa: E402
 from dynroute_jax.models import codinet  # noqa: E402
 
 # name -> (config file, config argument, training examples for the schedules)
@@ -162,7 +162,7 @@ def _compile(step_fn, abstract, shardings, mesh, batch_abstract, key):
 
 
 def routed_setup(config, stage, mesh, batch_abstract, key):
-  model = models_base.build_model(config.model)
+  model = models.build_model(config.model)
   dc = config.data
   shape = (1, dc.image_size, dc.image_size, dc.num_channels)
   abstract, shardings, init = train.create_state(config, model, mesh, stage, shape,

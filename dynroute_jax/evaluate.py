@@ -165,10 +165,10 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
   from dynroute_jax import config_lib  # pylint: disable=g-import-not-at-top
   from dynroute_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dynroute_jax import train  # pylint: disable=g-import-not-at-top
-  from dynroute_jax.models import base as models_base  # pylint: disable=g-import-not-at-top
+  from dynroute_jax import models  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config)
-  model = models_base.build_model(config.model)
+  model = models.build_model(config.model)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not epath.Path(ckpt_dir).is_dir() or not any(epath.Path(ckpt_dir).iterdir()):
     raise ckpt_lib.CheckpointNotFoundError(

@@ -84,12 +84,12 @@ def restore(workdir: str | os.PathLike, step: int | None = None) -> RoutedClassi
   from dynroute_jax import config_lib  # pylint: disable=g-import-not-at-top
   from dynroute_jax import evaluate  # pylint: disable=g-import-not-at-top
   from dynroute_jax import train  # pylint: disable=g-import-not-at-top
-  from dynroute_jax.models import base as models_base  # pylint: disable=g-import-not-at-top
+  from dynroute_jax import models  # pylint: disable=g-import-not-at-top
 
   workdir = os.fspath(workdir)
   config = evaluate.load_config(workdir)
   config_lib.validate(config)
-  model = models_base.build_model(config.model)
+  model = models.build_model(config.model)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
     raise ckpt_lib.CheckpointNotFoundError(

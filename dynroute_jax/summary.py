@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from dynroute_jax import config_lib
 from dynroute_jax import costs
-from dynroute_jax.models import base as models_base
+from dynroute_jax import models
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/drnet_cifar10.py:S.",
@@ -37,7 +37,7 @@ GROUPS = {"routers": "router", "aux": "aux_head"}
 def model_summary(config) -> dict[str, Any]:
   """Parameters and MACs of the config's model (nothing is trained)."""
   config_lib.validate(config)
-  model = models_base.build_model(config.model)
+  model = models.build_model(config.model)
   dc = config.data
   shape = (1, dc.image_size, dc.image_size, dc.num_channels)
   x = jnp.zeros(shape, jnp.float32)

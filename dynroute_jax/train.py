@@ -50,6 +50,7 @@ from dynroute_jax.schedules import (  # noqa: F401
     Stage, final_tau, lr_schedule, plan_stages, tau_schedule, training_splits)
 from dynroute_jax import sharding
 from dynroute_jax import workdir_lock
+from dynroute_jax import models
 from dynroute_jax.models import base as models_base
 
 Array = jax.Array
@@ -496,7 +497,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if f in config.model and config.model[f] != config.data[f]:
       raise ValueError(f"config.model.{f} ({config.model[f]}) differs from config.data.{f} "
                        f"({config.data[f]}); set both to the dataset's value.")
-  model = models_base.build_model(config.model)  # Validates the model fields.
+  model = models.build_model(config.model)  # Validates the model fields.
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.global_batch_size, mesh, jax.process_count())
   _prepare_workdir(workdir)

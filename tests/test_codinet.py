@@ -11,6 +11,7 @@ import numpy as np
 from absl.testing import parameterized
 
 from dynroute_jax import costs
+from dynroute_jax import models
 from dynroute_jax.models import base
 from dynroute_jax.models import codinet
 
@@ -364,7 +365,7 @@ class ConfigValidationTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, name):
       codinet.from_config(cfg)
     with self.assertRaisesRegex(ValueError, name):
-      base.build_model(cfg)
+      models.build_model(cfg)
 
   def test_unknown_variant_lists_allowed(self):
     with self.assertRaisesRegex(ValueError, "resnet110"):
@@ -418,6 +419,6 @@ class ConfigFilesTest(parameterized.TestCase):
     self.assertEqual(config.model.num_classes, config.data.num_classes)
     self.assertEqual(config.data.flip, dataset != "svhn_cropped")
     self.assertTrue(config.train.stage2.freeze_routers and config.train.stage2.hard_decisions)
-    self.assertIsInstance(base.build_model(config.model), codinet.CoDiNet)
+    self.assertIsInstance(models.build_model(config.model), codinet.CoDiNet)
     if "gamma" in arg:
       self.assertEqual(config.train.stage1.cost_weight, 0.04)

@@ -18,6 +18,7 @@ from absl.testing import parameterized
 
 from dynroute_jax import costs
 from dynroute_jax import routing
+from dynroute_jax import models
 from dynroute_jax.models import base
 from dynroute_jax.models import drnet
 
@@ -471,5 +472,5 @@ def test_call_rejects_bad_input_shape():
 
 
 def test_build_model_registry():
-  model = base.build_model(tiny_config())
+  model = models.build_model(tiny_config())
   assert isinstance(model, drnet.DRNet) and model.num_cells == 3

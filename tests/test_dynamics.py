@@ -17,7 +17,7 @@ from dynroute_jax import evaluation
 from dynroute_jax import graded_digits
 from dynroute_jax import input_pipeline
 from dynroute_jax import sharding
-from dynroute_jax.models import base as models_base
+from dynroute_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,7 +130,7 @@ def _graded_report(tmp_path, variant, **model_overrides):
   cfg.model.update(model_overrides)
   cfg.eval.static_thresholds = (0.3, 0.6, 0.9)
   cfg.eval.thresholds = (cfg.eval.threshold,)
-  model = models_base.build_model(cfg.model)
+  model = models.build_model(cfg.model)
   key = jax.random.key(0)
   variables = model.init({"params": key, "routing": key, "dropout": key},
                          jnp.zeros((1, 8, 8, 1)), train=False)

@@ -24,7 +24,7 @@ from dynroute_jax import evaluation
 from dynroute_jax import input_pipeline
 from dynroute_jax import plots
 from dynroute_jax import train
-from dynroute_jax.models import base as models_base
+from dynroute_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def small_config(variant="drnet"):
 
 
 def init_variables(cfg, seed=0):
-  model = models_base.build_model(cfg.model)
+  model = models.build_model(cfg.model)
   key = jax.random.key(seed)
   x = jnp.zeros((1, cfg.data.image_size, cfg.data.image_size, cfg.data.num_channels))
   return model, model.init({"params": key, "routing": key, "dropout": key}, x, train=False)

@@ -25,7 +25,7 @@ from dynroute_jax import evaluation
 from dynroute_jax import input_pipeline
 from dynroute_jax import sharding
 from dynroute_jax import train
-from dynroute_jax.models import base as models_base
+from dynroute_jax import models
 
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -140,7 +140,7 @@ def test_codinet_two_stages_end_to_end(tiny_config, tmp_path):
 
 def _direct(config, stage_index, num_train):
   """(model, stage, state, jitted step) for `config` on one device, as train_and_evaluate builds them."""
-  model = models_base.build_model(config.model)
+  model = models.build_model(config.model)
   mesh = sharding.make_mesh(config.mesh)
   stage = train.plan_stages(config, num_train)[stage_index - 1]
   dc = config.data

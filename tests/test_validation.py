@@ -29,7 +29,7 @@ from dynroute_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-
 from dynroute_jax import config_lib
 from dynroute_jax import evaluation
 from dynroute_jax import train
-from dynroute_jax.models import base as models_base
+from dynroute_jax import models
 
 TINY = {"train.stage1.steps": 4, "train.stage2.steps": 2, "checkpoint.every_steps": 2,
         "model.num_nodes": 1, "model.init_channels": 4, "train.global_batch_size": 16}
@@ -338,7 +338,7 @@ def c_eval_damaged_step(tmp_path, mp):
 
 def c_eval_wrong_image_shape(tmp_path, mp):
   config = digits_config()
-  model = models_base.build_model(config.model)
+  model = models.build_model(config.model)
   predict = evaluation.make_predict_fn(model, config.data, tau=1.0, routed=True)
   images = np.zeros((4, 16, 16, 1), np.uint8)  # 16x16 images for a model of 8x8 digits.
   with pytest.raises(ValueError) as e:
@@ -357,7 +357,7 @@ def _predictor_case(name, threshold=0.8, noise_std=0.0, indices=None, noise=Fals
   """A bad argument to the evaluation predictor: refused before anything is traced or compiled."""
   def fn(tmp_path, mp):
     config = digits_config()
-    model = models_base.build_model(config.model)
+    model = models.build_model(config.model)
     predict = evaluation.make_predict_fn(model, config.data, tau=1.0, routed=True, noise=noise)
     images = np.zeros((4, 8, 8, 1), np.uint8)
     with pytest.raises(ValueError) as e:

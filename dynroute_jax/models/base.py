@@ -1,4 +1,4 @@
-"""What every routed model returns, and how models are built from a config.
+"""What every routed model returns (`ModelOutput`); the registry is `dynroute_jax.models`.
 
 Shape letters:
   B: batch.   N: classes.   S: routed units, flattened (DRNet: cells x connections x branches;
@@ -94,19 +94,3 @@ class ModelOutput:
   def executed_params(self) -> Array:
     """[B] parameters per example of the units that actually run."""
     return self.params_fixed + self.executed @ self.params_table
-
-
-MODEL_NAMES = ("drnet", "codinet")
-
-
-def build_model(model_config: Any):
-  """Builds the Flax module named by `model_config.name` from the config's `model` section."""
-  name = model_config.get("name")
-  if name == "drnet":
-    from dynroute_jax.models import drnet
-    return drnet.from_config(model_config)
-  if name == "codinet":
-    from dynroute_jax.models import codinet
-    return codinet.from_config(model_config)
-  raise ValueError(f"config.model.name must be one of {MODEL_NAMES}; got {name!r}.")
-
