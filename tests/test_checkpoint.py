@@ -11,14 +11,24 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from etils import epath
 
 from dynroute_jax import checkpoint as C
+from dynroute_jax import manifest
 
-FP = C.model_fingerprint({"name": "tiny", "width": 4}, {"dense": {"w": np.zeros((3, 4))}})
+
+def tiny_config(width=4, image_size=8):
+  return ml_collections.ConfigDict({
+      "model": {"name": "tiny", "width": width},
+      "data": {"num_classes": 10, "image_size": image_size, "num_channels": 1},
+      "train": {"lr": 0.1}})
+
+
+FP = manifest.model_fingerprint(tiny_config())
 
 
 def make_state(step: int):
@@ -245,26 +255,30 @@ def test_missing_or_empty_workdir(tmp_path):
 
 def test_fingerprint_mismatch(two_steps):
   before = sorted(os.walk(two_steps))
-  other = C.model_fingerprint({"name": "tiny", "width": 8}, {"dense": {"w": np.zeros((3, 8))}})
+  other = manifest.model_fingerprint(tiny_config(width=8))
   assert other != FP
   with pytest.raises(C.FingerprintMismatchError) as e:
     C.Checkpointer(two_steps, fingerprint=other)
   assert FP in str(e.value) and other in str(e.value) and two_steps in str(e.value)
   assert sorted(os.walk(two_steps)) == before  # Nothing written.
   C.Checkpointer(two_steps).check_compatible(FP)  # Same model: fine.
-  # Without the info file the fingerprint comes from the newest step's meta.
-  os.remove(os.path.join(two_steps, C.INFO_NAME))
+  # The fingerprint comes from the newest step whose meta is readable.
+  import shutil
+  shutil.rmtree(os.path.join(two_steps, "2", "meta"))
+  assert C.Checkpointer(two_steps).recorded_fingerprint() == FP
   with pytest.raises(C.FingerprintMismatchError):
     C.Checkpointer(two_steps, fingerprint=other)
 
 
-def test_fingerprint_depends_on_shapes_and_config():
-  p = {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)}
-  assert C.model_fingerprint({"a": 1}, p) == C.model_fingerprint({"a": 1}, {"w": np.zeros((3, 4),
-                                                                                        np.float32)})
-  assert C.model_fingerprint({"a": 1}, p) != C.model_fingerprint({"a": 2}, p)
-  assert C.model_fingerprint({"a": 1}, p) != C.model_fingerprint(
-      {"a": 1}, {"w": jax.ShapeDtypeStruct((3, 5), jnp.float32)})
+def test_fingerprint_depends_on_model_and_data_shape():
+  # The formula every existing checkpoint records: a changed value makes old work directories
+  # look like another model's.
+  assert FP == "1caae13aa67f55aa"
+  assert manifest.model_fingerprint(tiny_config(width=8)) != FP
+  assert manifest.model_fingerprint(tiny_config(image_size=16)) != FP
+  other_training = tiny_config()
+  other_training.train.lr = 0.5
+  assert manifest.model_fingerprint(other_training) == FP
 
 
 def test_restore_params_only_without_optimizer_state(two_steps):
@@ -340,7 +354,7 @@ def test_manifest_write_failure(tmp_path, monkeypatch, caplog):
   ckpt = C.Checkpointer(d, keep=3, fingerprint=FP)
   save_state(ckpt, 1)
   ckpt.wait_until_finished()
-  monkeypatch.setattr(C, "_atomic_write_json", _enospc)
+  monkeypatch.setattr(manifest, "_atomic_write_json", _enospc)
   save_state(ckpt, 2)
   with pytest.raises(C.CheckpointSaveError, match=r"step 2 .*No space left"):
     ckpt.wait_until_finished()
@@ -496,8 +510,8 @@ def test_retention_never_deletes_the_last_verifying_steps(tmp_path):
 def test_retention_verifies_in_full_and_caches_the_verdicts(tmp_path, monkeypatch):
   d = str(tmp_path / "ckpt")
   hashed = []
-  real_sha256 = C._sha256
-  monkeypatch.setattr(C, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
+  real_sha256 = manifest._sha256
+  monkeypatch.setattr(manifest, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
   with C.Checkpointer(d, keep=2, async_save=False, fingerprint=FP) as ckpt:
     for step in (1, 2, 3):
       save_state(ckpt, step)

@@ -1,0 +1,203 @@
+"""Content checksums of checkpoint steps, which orbax does not keep, and the model fingerprint.
+
+Orbax restores several kinds of damaged checkpoints silently, and its step listing never notices
+damage. So once a step is committed, `Verifier.write` puts `manifest.json` into the step
+directory: size and sha256 of every other file there, written through a temporary file and an
+atomic rename, after everything else. A step without a valid manifest is incomplete or damaged.
+`Verifier.verify` recomputes the checksums and returns the problems found (empty when good).
+
+Verifying reads every file, so each verdict is cached per step, keyed by the size, mtime and inode
+of every file of the step (the manifest included): a step is read in full once per process (the
+step just written not even once) and again only when one of its files changes. Damage that leaves
+size, mtime and inode unchanged (bit rot under the file system) is found by `verify` only.
+
+Step directories are read through `os` (a fsync'd rename makes the manifest durable), so
+checksummed checkpoints live on local or mounted file systems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import ml_collections
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_HASH_CHUNK = 1 << 20
+_MAX_PROBLEMS_IN_MESSAGE = 6
+
+
+def model_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """Identifies the architecture: checkpoints of another model must not be restored into it.
+
+  A hash of `config.model` and of the data shape the model is built for (classes, image size,
+  channels). The formula is the one every existing checkpoint records; changing it would make
+  every earlier work directory look like another model's.
+  """
+  blob = json.dumps({"model": config.model.to_dict(), "num_classes": config.data.num_classes,
+                     "image_size": config.data.image_size,
+                     "num_channels": config.data.num_channels}, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def summarise(problems: Sequence[str]) -> str:
+  """The first few problems on one line, for messages."""
+  shown = list(problems[:_MAX_PROBLEMS_IN_MESSAGE])
+  if len(problems) > len(shown):
+    shown.append(f"... and {len(problems) - len(shown)} more")
+  return "; ".join(shown)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_HASH_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _list_files(root: str) -> list[str]:
+  """Relative paths of every regular file under root, sorted, the manifest excluded."""
+  files = []
+  for dirpath, _, filenames in os.walk(root):
+    for name in filenames:
+      rel = os.path.relpath(os.path.join(dirpath, name), root)
+      if rel == MANIFEST_NAME or name.startswith("." + MANIFEST_NAME):
+        continue
+      files.append(rel.replace(os.sep, "/"))
+  return sorted(files)
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+  """Writes JSON through a temporary file in the same directory, fsync, then rename."""
+  directory, name = os.path.split(path)
+  tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}")
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise
+  try:  # Makes the rename durable; not every file system supports fsync on a directory.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+  except OSError:
+    pass
+
+
+def _signature(step_dir: str) -> tuple:
+  """(path, size, mtime, inode) of every file of a step: what a cached verdict is valid for."""
+  entries = []
+  for dirpath, _, filenames in os.walk(step_dir):
+    for name in filenames:
+      path = os.path.join(dirpath, name)
+      try:
+        st = os.stat(path)
+      except OSError:
+        continue
+      entries.append((os.path.relpath(path, step_dir), st.st_size, st.st_mtime_ns, st.st_ino))
+  return tuple(sorted(entries))
+
+
+def _problems(step_dir: str, step: int) -> list[str]:
+  """What is wrong with the step directory against its manifest; reads every file."""
+  if not os.path.isdir(step_dir):
+    return [f"step directory {step_dir} is missing"]
+  manifest_path = os.path.join(step_dir, MANIFEST_NAME)
+  if not os.path.exists(manifest_path):
+    return [f"{MANIFEST_NAME} is missing (the save did not complete, or the file was removed)"]
+  try:
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    files = manifest["files"]
+    if int(manifest["step"]) != int(step):
+      return [f"{MANIFEST_NAME} belongs to step {manifest['step']}, not {step}"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return [f"{MANIFEST_NAME} is unreadable: {e}"]
+  problems = []
+  for rel, entry in sorted(files.items()):
+    path = os.path.join(step_dir, rel)
+    if not os.path.isfile(path):
+      problems.append(f"missing file {rel}")
+      continue
+    size = os.path.getsize(path)
+    if size != entry["size"]:
+      problems.append(f"size mismatch in {rel}: {size} bytes, expected {entry['size']}")
+      continue
+    if _sha256(path) != entry["sha256"]:
+      problems.append(f"checksum mismatch in {rel}")
+  return problems
+
+
+class Verifier:
+  """Writes and checks the manifests of the step directories `<directory>/<step>/`.
+
+  Args:
+    directory: the folder holding one directory per step, named by its step number.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    # step -> (file signature, problems): the full verifications already done.
+    self._verdicts: dict[int, tuple[tuple, tuple[str, ...]]] = {}
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)))
+
+  def write(self, step: int) -> None:
+    """Writes the manifest of a committed step: its files' sizes and checksums."""
+    step_dir = self.step_dir(step)
+    files = {}
+    for rel in _list_files(step_dir):
+      path = os.path.join(step_dir, rel)
+      files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    _atomic_write_json(os.path.join(step_dir, MANIFEST_NAME), {
+        "step": int(step), "format_version": FORMAT_VERSION, "algorithm": "sha256",
+        "written": time.time(), "files": files})
+    # The checksums were just computed from these very files: the step verifies without a second
+    # read (a file changed meanwhile shows in the signature and forces a full verify).
+    self._verdicts[int(step)] = (_signature(step_dir), ())
+
+  def verify(self, step: int) -> list[str]:
+    """Problems found in `step` (an empty list when it is good). Reads every file."""
+    step_dir = self.step_dir(step)
+    signature = _signature(step_dir)  # Taken first: a file changing meanwhile voids the entry.
+    problems = _problems(step_dir, step)
+    self._verdicts[int(step)] = (signature, tuple(problems))
+    return problems
+
+  def verify_cached(self, step: int) -> list[str]:
+    """`verify(step)`, read in full only when the step's files changed since the last verdict."""
+    cached = self._verdicts.get(int(step))
+    if cached is not None and cached[0] == _signature(self.step_dir(step)):
+      return list(cached[1])
+    return self.verify(step)
+
+  def forget(self, step: int) -> None:
+    """Drops the cached verdict of a step that was deleted or moved away."""
+    self._verdicts.pop(int(step), None)
+
+  def newest_verified(self, steps: Iterable[int]) -> Optional[int]:
+    """The newest of `steps` that verifies in full, or None; warns about each newer damaged one."""
+    for step in sorted(steps, reverse=True):
+      problems = self.verify(step)
+      if not problems:
+        return step
+      logging.warning("Skipping checkpoint step %d in %s: damaged or incomplete: %s", step,
+                      self.directory, summarise(problems))
+    return None
