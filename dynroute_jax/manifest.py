@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from typing import Any, Iterable, Optional, Sequence
@@ -28,6 +29,7 @@ from typing import Any, Iterable, Optional, Sequence
 import ml_collections
 
 MANIFEST_NAME = "manifest.json"
+QUARANTINE_DIR = "quarantine"
 FORMAT_VERSION = 1
 _HASH_CHUNK = 1 << 20
 _MAX_PROBLEMS_IN_MESSAGE = 6
@@ -191,6 +193,29 @@ class Verifier:
   def forget(self, step: int) -> None:
     """Drops the cached verdict of a step that was deleted or moved away."""
     self._verdicts.pop(int(step), None)
+
+  def quarantine(self, step: int, problems: Sequence[str]) -> None:
+    """Moves a damaged step to `quarantine/<step>-<ns>/`, so that it can be saved again."""
+    target = os.path.join(self.directory, QUARANTINE_DIR, f"{step}-{time.time_ns()}")
+    logging.warning("Checkpoint step %d in %s is damaged or incomplete (%s); moving it to %s "
+                    "before saving step %d again.", step, self.directory, summarise(problems),
+                    target, step)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(self.step_dir(step), target)
+    self.forget(step)
+
+  def oldest_to_keep(self, steps: Iterable[int], keep: int) -> Optional[int]:
+    """The oldest of the newest `keep` verifying steps, or None when fewer verify.
+
+    Retention deletes only steps older than it: damaged steps do not count, so the last verifying
+    steps are never deleted in their favour, and with fewer than `keep` nothing is deleted.
+    """
+    good = 0
+    for step in sorted(steps, reverse=True):  # Newest first; older steps need no verdict.
+      good += not self.verify_cached(step)
+      if good == keep:
+        return step
+    return None
 
   def newest_verified(self, steps: Iterable[int]) -> Optional[int]:
     """The newest of `steps` that verifies in full, or None; warns about each newer damaged one."""
