@@ -6,8 +6,9 @@ module turns the per-example arrays of one evaluation pass into those numbers (p
 
   * `macs_stats`: per-example executed MACs mean / CV / min / max;
   * `path_stats`: distinct routing masks, the share of the most common one, and the routing units
-    whose decision is constant over the whole set (CoDiNet: blocks; DRNet: connections, whose kept
-    branch set never changes, and routers, all of whose connections are constant);
+    whose decision is constant over the whole set, as the model counts them
+    (`RoutedModel.constant_decisions`: CoDiNet's blocks; DRNet's connections, whose kept branch set
+    never changes, and routers, all of whose connections are constant);
   * `spearman`: rank correlation (average ranks for ties), used for MACs vs loss and MACs vs level;
   * `level_stats`: accuracy and MACs per difficulty level (datasets with levels, e.g. digits_graded);
   * `static_comparison`: the static counterpart at equal cost. Every input gets the set-mean router
@@ -15,14 +16,17 @@ module turns the per-example arrays of one evaluation pass into those numbers (p
     accuracy is interpolated at the routed model's mean MACs and the gap routed - static is given
     in points. The static network needs no routers, so its MACs exclude them.
 
-Shape letters: N examples, S routed units (flattened site shape), K branches, L cells, C connections.
+Shape letters: N examples, S routed units (the flattened site shape of `models.base`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from dynroute_jax.models import base
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
@@ -62,8 +66,27 @@ def macs_stats(macs_N: np.ndarray) -> dict[str, float]:
           "max": float(m.max()), "median": float(np.median(m))}
 
 
-def path_stats(executed_NxS: np.ndarray, site_shape: Sequence[int]) -> dict[str, Any]:
-  """Distinct paths, the most common path's share, and constant routing decisions."""
+ConstantDecisions = Callable[[np.ndarray], dict[str, Any]]
+
+
+def _constant_decisions_fn(model: "base.RoutedModel | ConstantDecisions") -> ConstantDecisions:
+  """The model's `constant_decisions` (or the callable itself)."""
+  return getattr(model, "constant_decisions", model)
+
+
+def path_stats(executed_NxS: np.ndarray, model: "base.RoutedModel | ConstantDecisions"
+               ) -> dict[str, Any]:
+  """Distinct paths, the most common path's share, and constant routing decisions.
+
+  Args:
+    executed_NxS: [N, S] 0/1 (or bool) routing masks of N examples.
+    model: the routed model (its `constant_decisions` says which units never change), or that
+      function itself.
+
+  Returns:
+    distinct_paths, most_common_path_share, paths_used_by_1pct, then the model's constant-unit
+    counts (see `RoutedModel.constant_decisions`).
+  """
   ex = np.asarray(executed_NxS) > 0.5
   n = ex.shape[0]
   _, counts = np.unique(np.packbits(ex, axis=1), axis=0, return_counts=True)
@@ -71,18 +94,7 @@ def path_stats(executed_NxS: np.ndarray, site_shape: Sequence[int]) -> dict[str,
   out = {"distinct_paths": int(counts.size),
          "most_common_path_share": float(counts[0] / n),
          "paths_used_by_1pct": int(np.sum(counts >= 0.01 * n))}
-  site_shape = tuple(int(s) for s in site_shape)
-  constant_S = np.all(ex == ex[:1], axis=0)
-  if len(site_shape) == 3:  # DRNet (L, C, K): a connection is constant if its kept set never changes.
-    conn = constant_S.reshape(site_shape).all(axis=-1)               # [L, C]
-    out["constant_connections"] = int(conn.sum())
-    out["num_connections"] = int(conn.size)
-    out["constant_routers"] = int(conn.all(axis=1).sum())            # a router per cell.
-    out["num_routers"] = int(site_shape[0])
-  else:
-    out["constant_routers"] = int(constant_S.sum())
-    out["num_routers"] = int(constant_S.size)
-    out["constant_router_indices"] = np.flatnonzero(constant_S).tolist()
+  out.update(_constant_decisions_fn(model)(ex))
   return out
 
 
@@ -104,10 +116,14 @@ def level_stats(correct_N: np.ndarray, macs_N: np.ndarray, levels_N: np.ndarray
                                                if per[lo]["macs_mean"] else None)}
 
 
-def summarize(res: dict[str, np.ndarray], site_shape: Sequence[int]) -> dict[str, Any]:
-  """The dynamics section of one routed pass (needs 'macs', 'executed'; uses 'logits', 'level')."""
+def summarize(res: dict[str, np.ndarray], model: "base.RoutedModel | ConstantDecisions"
+              ) -> dict[str, Any]:
+  """The dynamics section of one routed pass (needs 'macs', 'executed'; uses 'logits', 'level').
+
+  `model` is the routed model, or its `constant_decisions` (see `path_stats`).
+  """
   out: dict[str, Any] = {"macs": macs_stats(res["macs"])}
-  out.update(path_stats(res["executed"], site_shape))
+  out.update(path_stats(res["executed"], model))
   if "logits" in res:
     loss = cross_entropy_np(res["logits"], res["label"])
     out["spearman_macs_loss"] = spearman(res["macs"], loss)

@@ -2,11 +2,11 @@
 
   python -m dynroute_jax.summary --config=configs/drnet_cifar10.py:S [--json]
 
-Parameters are split into backbone, routers (paths containing 'router') and auxiliary head (paths
-containing 'aux_head'; excluded from the model size, as DARTS does). MACs are per image with every
-branch/block running; FLOPs = 2 x MACs. The per-cell (DRNet) or per-stage (CoDiNet) breakdown comes
-from the model's own MACs table, which is checked here against an independent count of the whole
-forward pass's jaxpr.
+Parameters are split into backbone, routers (the model's `router_param_pattern`) and auxiliary
+head (paths containing 'aux_head'; excluded from the model size, as DARTS does). MACs are per image
+with every branch/block running; FLOPs = 2 x MACs. The per-cell (DRNet) or per-stage (CoDiNet)
+breakdown is the model's `size_breakdown` of its own MACs table, which is checked here against an
+independent count of the whole forward pass's jaxpr.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/drnet
                                 lock_config=True)
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 
-GROUPS = {"routers": "router", "aux": "aux_head"}
+AUX_PARAM_PATTERN = "aux_head"
 
 
 def model_summary(config) -> dict[str, Any]:
@@ -43,7 +43,8 @@ def model_summary(config) -> dict[str, Any]:
   x = jnp.zeros(shape, jnp.float32)
   key = jax.random.key(0)
   variables = jax.jit(lambda k: model.init({"params": k, "routing": k, "dropout": k}, x, train=False))(key)
-  groups = costs.params_by_group(variables["params"], GROUPS)
+  groups = costs.params_by_group(variables["params"], {"routers": model.router_param_pattern,
+                                                       "aux": AUX_PARAM_PATTERN})
 
   def forward(variables, x):
     return model.apply(variables, x, train=False)
@@ -55,17 +56,6 @@ def model_summary(config) -> dict[str, Any]:
   # Independent check: every conv/matmul of the whole forward pass, counted from its jaxpr.
   macs_traced = costs.count_macs(forward, variables, x)
   site_shape = tuple(out.site_shape)
-  per_unit = table.reshape(site_shape) if site_shape else table
-  if len(site_shape) == 3:
-    breakdown_name = "cell"
-    breakdown = [float(v) for v in per_unit.sum(axis=(1, 2))]
-    per_branch = [float(v) for v in per_unit.sum(axis=(0, 1))]
-  else:
-    breakdown_name = "stage"
-    sizes = list(getattr(model, "stage_sizes", None) or [len(table)])
-    bounds = np.cumsum([0] + sizes)
-    breakdown = [float(table[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
-    per_branch = None
   params_model = groups["backbone"] + groups["routers"]
   return {
       "model": config.model.name,
@@ -82,8 +72,8 @@ def model_summary(config) -> dict[str, Any]:
       "macs_traced_forward": macs_traced,
       "flops_all_branches": 2 * macs_all,
       "site_shape": list(site_shape),
-      f"macs_per_{breakdown_name}": breakdown,
-      "macs_per_branch_type": per_branch,
+      # 'macs_per_cell' (DRNet) or 'macs_per_stage' (CoDiNet), and 'macs_per_branch_type'.
+      **model.size_breakdown(table),
   }
 
 
@@ -95,7 +85,8 @@ def format_summary(s: dict[str, Any]) -> str:
            f"  MACs per image, all branches: {s['macs_all_branches'] / 1e6:.2f}M "
            f"(FLOPs {s['flops_all_branches'] / 1e6:.2f}M); fixed {s['macs_fixed'] / 1e6:.2f}M, routed "
            f"units {s['macs_routed_units'] / 1e6:.2f}M; whole-forward trace {s['macs_traced_forward'] / 1e6:.2f}M"]
-  key = "macs_per_cell" if "macs_per_cell" in s else "macs_per_stage"
+  # The model's structural breakdown: 'macs_per_cell', 'macs_per_stage', ...
+  key = next(k for k in s if k.startswith("macs_per_") and k != "macs_per_branch_type")
   name = key.split("_")[-1]
   for i, v in enumerate(s[key]):
     lines.append(f"  {name} {i:2d}: {v / 1e6:8.3f}M MACs (routed units)")

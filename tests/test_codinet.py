@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import re
+import types
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -422,3 +425,35 @@ class ConfigFilesTest(parameterized.TestCase):
     self.assertIsInstance(models.build_model(config.model), codinet.CoDiNet)
     if "gamma" in arg:
       self.assertEqual(config.train.stage1.cost_weight, 0.04)
+
+
+class RoutedModelContractTest(parameterized.TestCase):
+
+  def test_contract(self):
+    model, variables = _init()
+    self.assertIsInstance(model, base.RoutedModel)
+    self.assertEqual(model.model_name, "codinet")
+    self.assertEqual(model.routing_site_shape((8, 8)), (9,))
+    self.assertIsNone(model.unit_names())
+    self.assertEqual(model.train_call_kwargs(types.SimpleNamespace(hard_decisions=True)),
+                     {"hard": True})
+    self.assertEqual(model.train_call_kwargs(types.SimpleNamespace(hard_decisions=False)), {})
+    # Router parameters: exactly those whose path contains 'router' (scanned groups included).
+    flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+    routers = {k for k in flat if re.search(model.router_param_pattern, k)}
+    self.assertEqual(routers, {k for k in flat if "router" in k})
+    self.assertTrue(any("blocks/" in k for k in routers))
+    out = _japply(model)(variables, _images(), train=False, threshold=0.5)
+    stats = model.routing_stats(out)
+    self.assertEqual(list(stats), ["run_ratio", "router_entropy"])
+    np.testing.assert_allclose(stats["run_ratio"], np.mean(out.weights), rtol=1e-6)
+    ex = np.asarray(out.executed) > 0.5
+    mean = ex.astype(np.float64).mean(0)
+    self.assertEqual(model.selection_ratios(ex), {"run_ratio_per_block": np.round(mean, 6).tolist(),
+                                                  "run_ratio": float(mean.mean())})
+    self.assertEqual(model.constant_decisions(ex)["num_routers"], 9)
+    table = np.asarray(out.macs_table, np.float64)
+    size = model.size_breakdown(table)
+    self.assertEqual(size["macs_per_stage"], [float(table[0:3].sum()), float(table[3:6].sum()),
+                                              float(table[6:9].sum())])
+    self.assertIsNone(size["macs_per_branch_type"])

@@ -8,8 +8,11 @@ functions take `tau` and `threshold` as traced arguments so each mode compiles o
 
 import functools
 import math
+import re
+import types
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -474,3 +477,39 @@ def test_call_rejects_bad_input_shape():
 def test_build_model_registry():
   model = models.build_model(tiny_config())
   assert isinstance(model, drnet.DRNet) and model.num_cells == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# The RoutedModel contract.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_routed_model_contract():
+  model, variables, x = built()
+  assert isinstance(model, base.RoutedModel)
+  assert model.model_name == "drnet" and model.name is None  # Flax's name: the module's scope.
+  assert model.routing_site_shape((8, 8)) == model.site_shape == (3, 4, K)
+  assert model.unit_names() == list(drnet.BRANCHES)
+  assert model.train_call_kwargs(types.SimpleNamespace(hard_decisions=True)) == {}
+  # Router parameters: exactly those whose path contains 'router'.
+  flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  assert {k for k in flat if re.search(model.router_param_pattern, k)} == {
+      k for k in flat if "router" in k} != set()
+  out = jitted("threshold")(variables, x, 1.0, 0.5)
+  stats = model.routing_stats(out)
+  w = np.asarray(out.weights).reshape(B, *model.site_shape)
+  assert sorted(stats) == sorted([f"branch_ratio/{k}" for k in range(K)] + ["router_entropy"])
+  np.testing.assert_allclose([stats[f"branch_ratio/{k}"] for k in range(K)], w.mean((0, 1, 2)),
+                             rtol=1e-6)
+  ex = np.asarray(out.executed) > 0.5
+  sel = model.selection_ratios(ex)
+  mean = ex.astype(np.float64).mean(0).reshape(model.site_shape)
+  assert sel == {"branch_selection": np.round(mean, 6).tolist(),
+                 "branch_selection_per_cell": np.round(mean.mean(1), 6).tolist(),
+                 "branch_ratio": np.round(mean.mean((0, 1)), 6).tolist()}
+  const = model.constant_decisions(ex)
+  assert const["num_connections"] == 12 and const["num_routers"] == 3
+  table = np.asarray(out.macs_table, np.float64)
+  size = model.size_breakdown(table)
+  assert sorted(size) == ["macs_per_branch_type", "macs_per_cell"]
+  assert sum(size["macs_per_cell"]) == sum(size["macs_per_branch_type"]) == table.sum()

@@ -100,16 +100,36 @@ def test_level_stats_match_a_direct_computation():
       macs[levels == 3].mean() / macs[levels == 0].mean())
 
 
+def _drnet_site_shape_3x2x5():
+  from dynroute_jax.models import drnet
+  cfg = drnet.default_config("tiny", image_size=8)
+  cfg.num_nodes = 1
+  model = models.build_model(cfg)
+  assert model.routing_site_shape((8, 8)) == (3, 2, 5)
+  return model
+
+
 def test_path_stats_count_paths_and_constant_units():
-  ex = np.zeros((10, 2, 2, 3), bool)
+  model = _drnet_site_shape_3x2x5()
+  ex = np.zeros((10, 3, 2, 5), bool)
   ex[..., 0] = True           # every connection keeps branch 0 ...
   ex[:4, 1, 0, 1] = True      # ... connection (1, 0) also branch 1 for 4 examples.
-  out = dynamics.path_stats(ex.reshape(10, -1), (2, 2, 3))
+  out = dynamics.path_stats(ex.reshape(10, -1), model)
   assert out["distinct_paths"] == 2 and out["most_common_path_share"] == pytest.approx(0.6)
-  assert out["constant_connections"] == 3 and out["constant_routers"] == 1
+  assert out["paths_used_by_1pct"] == 2
+  assert out["constant_connections"] == 5 and out["num_connections"] == 6
+  assert out["constant_routers"] == 2 and out["num_routers"] == 3
+  # The model's function itself is accepted too; 0/1 floats read like bools.
+  assert dynamics.path_stats(ex.reshape(10, -1).astype(np.float32),
+                             model.constant_decisions) == out
+  from dynroute_jax.models import codinet
+  blocks_model = models.build_model(codinet.default_config("resnet8", image_size=8))
   blocks = np.array([[1, 0, 1], [1, 1, 1], [1, 0, 1]], bool)
-  out = dynamics.path_stats(blocks, (3,))
+  out = dynamics.path_stats(blocks, blocks_model)
   assert out["constant_routers"] == 2 and out["constant_router_indices"] == [0, 2]
+  assert out["num_routers"] == 3
+  assert list(out) == ["distinct_paths", "most_common_path_share", "paths_used_by_1pct",
+                       "constant_routers", "num_routers", "constant_router_indices"]
 
 
 def test_interpolation_and_gap():

@@ -1,4 +1,5 @@
-"""What every routed model returns (`ModelOutput`); the registry is `dynroute_jax.models`.
+"""The contract of a routed model: what it returns (`ModelOutput`) and what it answers
+(`RoutedModel`). The registry is `dynroute_jax.models`.
 
 Shape letters:
   B: batch.   N: classes.   S: routed units, flattened (DRNet: cells x connections x branches;
@@ -15,17 +16,26 @@ strategy='dense')` returns a `ModelOutput`:
     everything and masks, which is the reference the other strategies must match.
   * CoDiNet only: train=True, hard=True is stage 2's fine-tuning: the noise-free hard decisions of
     inference, with a straight-through gradient.
+
+Everything outside `dynroute_jax.models` that depends on the model's routing structure (the
+trainer's metrics and call arguments, the evaluation's selection ratios, the dynamics report, the
+size summary) asks the model through `RoutedModel` instead of testing which model it has.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
+
+# Router parameters: every parameter under a submodule named 'router' (both models name their
+# routers so); `re.search` on the '/'-joined parameter path.
+ROUTER_PARAM_PATTERN = r"(^|/)router(/|$)"
 
 
 @flax.struct.dataclass
@@ -94,3 +104,52 @@ class ModelOutput:
   def executed_params(self) -> Array:
     """[B] parameters per example of the units that actually run."""
     return self.params_fixed + self.executed @ self.params_table
+
+
+@runtime_checkable
+class RoutedModel(Protocol):
+  """What the trainer, the evaluation and the reports may ask of any routed model.
+
+  Flax reserves a module's `name` for its place in the parameter tree, so the model's registry
+  name is `model_name`.
+
+  Attributes:
+    model_name: the registry name (`config.model.name`), e.g. 'drnet'.
+    router_param_pattern: a regex; `re.search(pattern, path)` on a parameter's '/'-joined path
+      (e.g. 'cell_0/router/Dense_0/kernel') is true exactly for router parameters.
+  """
+  model_name: ClassVar[str]
+  router_param_pattern: ClassVar[str]
+
+  def routing_site_shape(self, image_hw: tuple[int, int]) -> tuple[int, ...]:
+    """The static shape the S axis of `ModelOutput` unflattens to, for images of `image_hw`."""
+
+  def unit_names(self) -> list[str] | None:
+    """Names of a routing unit's K choices (DRNet's branches), or None (run/skip routing)."""
+
+  def routing_stats(self, out: ModelOutput) -> dict[str, Array]:
+    """Per-step training metrics of the routing (jit-able): selection ratios, router entropy."""
+
+  def train_call_kwargs(self, stage_cfg: Any) -> dict[str, Any]:
+    """Extra keyword arguments of the train=True call in the stage `stage_cfg` configures."""
+
+  def selection_ratios(self, executed_NxS: np.ndarray) -> dict[str, Any]:
+    """Share of examples running each routed unit, in the evaluation report's layout."""
+
+  def constant_decisions(self, executed_NxS: np.ndarray) -> dict[str, Any]:
+    """The routing units (and routers) whose decision is the same for every example."""
+
+  def size_breakdown(self, macs_table_S: np.ndarray) -> dict[str, Any]:
+    """MACs of the routed units grouped by the model's structure (cells or stages)."""
+
+
+def unit_means(executed_NxS: np.ndarray) -> np.ndarray:
+  """[S] float64 share of the N examples that run each unit (zeros for an empty set)."""
+  ex = np.asarray(executed_NxS).astype(np.float64)
+  return ex.mean(axis=0) if ex.shape[0] else np.zeros(ex.shape[1:])
+
+
+def constant_units(executed_NxS: np.ndarray) -> np.ndarray:
+  """[S] bool, True where a unit's 0/1 decision (executed > 0.5) is the same for every example."""
+  ex = np.asarray(executed_NxS) > 0.5
+  return np.all(ex == ex[:1], axis=0)

@@ -58,16 +58,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from dynroute_jax import costs
 from dynroute_jax import dispatch
 from dynroute_jax import routing
+from dynroute_jax.models import base
 from dynroute_jax.models.base import ModelOutput
 
 Array = jax.Array
@@ -589,6 +591,9 @@ class CoDiNet(nn.Module):
   skip_downsample: str = "shortcut"
   scan_blocks: bool = True
 
+  model_name: ClassVar[str] = "codinet"
+  router_param_pattern: ClassVar[str] = base.ROUTER_PARAM_PATTERN
+
   # -- static structure ---------------------------------------------------------------------------
 
   def block_specs(self, image_hw: tuple[int, int]) -> tuple[BlockSpec, ...]:
@@ -601,6 +606,44 @@ class CoDiNet(nn.Module):
     shape = tuple(input_shape)[-3:]
     return _cost_summary(self.variant, self.width, self.router_hidden, self.router_activation,
                          self.skip_downsample, self.num_classes, shape)
+
+  # -- the RoutedModel contract (see `base.RoutedModel`) -------------------------------------------
+
+  def routing_site_shape(self, image_hw: tuple[int, int]) -> tuple[int]:
+    """(D,): one routed unit per block."""
+    return (len(self.block_specs(image_hw)),)
+
+  def unit_names(self) -> None:
+    return None  # run/skip routing: a unit has no named choices.
+
+  def routing_stats(self, out: ModelOutput) -> dict[str, Array]:
+    """Mean run probability ('run_ratio') and the mean binary entropy of the decisions."""
+    v_BxD = jnp.clip(out.weights, 1e-7, 1 - 1e-7)
+    return {"run_ratio": jnp.mean(out.weights),
+            "router_entropy": jnp.mean(-(v_BxD * jnp.log(v_BxD)
+                                         + (1 - v_BxD) * jnp.log(1 - v_BxD)))}
+
+  def train_call_kwargs(self, stage_cfg: Any) -> dict[str, Any]:
+    """{'hard': True} for a fine-tuning stage on the hard decisions of inference."""
+    return {"hard": True} if stage_cfg.hard_decisions else {}
+
+  def selection_ratios(self, executed_NxS: np.ndarray) -> dict[str, Any]:
+    """Run ratio per block [D] and overall."""
+    mean_D = base.unit_means(executed_NxS)
+    return {"run_ratio_per_block": np.round(mean_D, 6).tolist(), "run_ratio": float(mean_D.mean())}
+
+  def constant_decisions(self, executed_NxS: np.ndarray) -> dict[str, Any]:
+    """Routers (one per block) whose run/skip decision never changes."""
+    constant_D = base.constant_units(executed_NxS)
+    return {"constant_routers": int(constant_D.sum()), "num_routers": int(constant_D.size),
+            "constant_router_indices": np.flatnonzero(constant_D).tolist()}
+
+  def size_breakdown(self, macs_table_S: np.ndarray) -> dict[str, Any]:
+    """Routed MACs per stage (the routing axis lists blocks stage by stage)."""
+    table_D = np.asarray(macs_table_S, np.float64)
+    bounds = np.cumsum([0, *stage_blocks(self.variant)])
+    return {"macs_per_stage": [float(table_D[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])],
+            "macs_per_branch_type": None}
 
   def _check_input(self, x: Array) -> None:
     if x.ndim != 4:
@@ -725,11 +768,6 @@ def _cost_summary(variant: str, width: int, router_hidden: int, router_activatio
       macs_fixed=stem_m + head_m + r_m + sc_m, params_fixed=stem_p + head_p + r_p + sc_p,
       router_macs=r_m, router_params=r_p, stem_head_macs=stem_m + head_m,
       stem_head_params=stem_p + head_p, shortcut_macs=sc_m, shortcut_params=sc_p)
-
-
-def router_param_pattern() -> str:
-  """Regex matching router parameter paths (for `costs.params_by_group` and router freezing)."""
-  return r"(^|/)router(/|$)"
 
 
 def unscanned_to_scanned(params: Any, variant: str) -> Any:

@@ -69,7 +69,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -421,6 +421,9 @@ class DRNet(nn.Module):
   image_size: int = 32
   num_channels: int = 3
 
+  model_name: ClassVar[str] = "drnet"
+  router_param_pattern: ClassVar[str] = base.ROUTER_PARAM_PATTERN
+
   # ---- static structure ------------------------------------------------------------------------
 
   @property
@@ -447,6 +450,51 @@ class DRNet(nn.Module):
 
   def router_width(self, channels: int) -> int:
     return max(1, int(round(self.router_width_multiplier * channels)))
+
+  # ---- the RoutedModel contract (see `base.RoutedModel`) -----------------------------------------
+
+  def routing_site_shape(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+    """(L, C, K): cells x connections x branches, whatever the image size."""
+    del image_hw
+    return self.site_shape
+
+  def unit_names(self) -> list[str]:
+    return list(BRANCHES)
+
+  def routing_stats(self, out: base.ModelOutput) -> dict[str, Array]:
+    """Mean weight of each branch type ('branch_ratio/<k>') and the mean router entropy."""
+    stats = {}
+    w_BxLxCxK = out.weights.reshape(out.weights.shape[0], *out.site_shape)
+    ratio_K = jnp.mean(w_BxLxCxK, axis=(0, 1, 2))
+    for k in range(ratio_K.shape[0]):
+      stats[f"branch_ratio/{k}"] = ratio_K[k]
+    stats["router_entropy"] = jnp.mean(routing.entropy(w_BxLxCxK, axis=-1))
+    return stats
+
+  def train_call_kwargs(self, stage_cfg: Any) -> dict[str, Any]:
+    del stage_cfg  # every DRNet stage trains with relaxed routing.
+    return {}
+
+  def selection_ratios(self, executed_NxS: np.ndarray) -> dict[str, Any]:
+    """Branch selection per connection [L][C][K], per cell [L][K] and per branch type [K]."""
+    sel_LxCxK = base.unit_means(executed_NxS).reshape(self.site_shape)
+    return {"branch_selection": np.round(sel_LxCxK, 6).tolist(),
+            "branch_selection_per_cell": np.round(sel_LxCxK.mean(axis=1), 6).tolist(),
+            "branch_ratio": np.round(sel_LxCxK.mean(axis=(0, 1)), 6).tolist()}
+
+  def constant_decisions(self, executed_NxS: np.ndarray) -> dict[str, Any]:
+    """Connections whose kept branch set never changes, and routers (cells) all of whose are."""
+    conn_LxC = base.constant_units(executed_NxS).reshape(self.site_shape).all(axis=-1)
+    return {"constant_connections": int(conn_LxC.sum()),
+            "num_connections": int(conn_LxC.size),
+            "constant_routers": int(conn_LxC.all(axis=1).sum()),  # one router per cell.
+            "num_routers": int(self.site_shape[0])}
+
+  def size_breakdown(self, macs_table_S: np.ndarray) -> dict[str, Any]:
+    """Routed MACs per cell and per branch type."""
+    per_unit_LxCxK = np.asarray(macs_table_S, np.float64).reshape(self.site_shape)
+    return {"macs_per_cell": [float(v) for v in per_unit_LxCxK.sum(axis=(1, 2))],
+            "macs_per_branch_type": [float(v) for v in per_unit_LxCxK.sum(axis=(0, 1))]}
 
   def _fields(self) -> dict[str, Any]:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(DRNet)
