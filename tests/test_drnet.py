@@ -20,9 +20,11 @@ import pytest
 from absl.testing import parameterized
 
 from dynroute_jax import costs
+from dynroute_jax import dispatch
 from dynroute_jax import routing
 from dynroute_jax import models
 from dynroute_jax.models import base
+from dynroute_jax.models import common
 from dynroute_jax.models import drnet
 
 B, H = 2, 8
@@ -348,7 +350,7 @@ def test_topology_is_static_and_recorded():
     topo = drnet.make_topology(seed, 4)
     assert [p for p, _ in topo] == [1, 2, 3, 4] and all(r in (0, 1) for _, r in topo)
   assert len({drnet.make_topology(s, 4) for s in range(20)}) > 1
-  assert model.reduction_cells == (1, 3) and model.aux_cell == 3
+  assert model.config.reduction_cells == (1, 3) and model.config.aux_cell == 3
   plans = model.plan((32, 32, 3))
   red = plans[1]
   assert red.reduction and red.out == (16, 16, 4 * 30)
@@ -411,9 +413,10 @@ def test_dispatch_strategy_matches_dense():
 
 
 def test_strategy_resolution():
-  assert drnet._resolve_strategy("dense", 4) == "dense"
-  resolved = drnet._resolve_strategy("auto", 4)
-  assert resolved in drnet.STRATEGIES and resolved != "auto"
+  assert common.resolve_strategy("dense", 4, thresholded=True) == "dense"
+  assert common.resolve_strategy("chunk", 4, thresholded=False) == "dense"  # nothing to skip.
+  resolved = common.resolve_strategy("auto", 4, thresholded=True)
+  assert resolved in dispatch.STRATEGIES and resolved != "auto"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,7 +479,7 @@ def test_call_rejects_bad_input_shape():
 
 def test_build_model_registry():
   model = models.build_model(tiny_config())
-  assert isinstance(model, drnet.DRNet) and model.num_cells == 3
+  assert isinstance(model, drnet.DRNet) and model.config.num_cells == 3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,8 +46,8 @@ Routing (`__call__`):
     sum over kept branches of w_b F_b(x). `strategy='dense'` computes every branch and masks;
     other strategies go through `dynroute_jax.dispatch.mix_branches`, which runs each branch only
     on the examples that kept it (each branch is its own submodule, called as a pure function
-    through `module.unbind()`); 'auto' takes the dispatcher's platform default ('dense' when no
-    dispatcher is installed). `strategy` is ignored in training and without a threshold.
+    through `common.pure_fn`); 'auto' takes the dispatcher's platform default. `strategy` is
+    ignored in training and without a threshold.
   * Drop-connection (`drop_path_rate`, per call, training only, 'dropout' rng): DARTS drop-path on
     the output of every branch but the identity.
   * Drop-branch (`drop_branch_rate`, a model field; the paper's "drop-branch 0.7" is not defined
@@ -58,10 +58,16 @@ Routing (`__call__`):
     router's weights before drop-branch (the distribution the resource loss acts on). 0 disables.
 
 Costs (`ModelOutput`): `macs_table` / `params_table` [L*C_conn*K] hold each branch's MACs and
-parameters for one example, from `costs.module_macs` / `costs.module_params` of the branch
-definition at its input shape (cached). `macs_fixed` / `params_fixed` cover the stem, the
+parameters for one example, from `common.module_costs` of the branch definition at its input
+shape (cached). `macs_fixed` / `params_fixed` cover the stem, the
 preprocessing, the routers and the classifier (not the auxiliary head). MACs are multiply-
 accumulates of conv and dense layers (FLOPs = 2 x MACs; the paper's "FLOPs" are MACs).
+
+Hyperparameters live in the frozen `DRNetConfig` (validated on construction); `from_config`
+builds it from `config.model` and the module `DRNet(config)`.
+
+Shape letters: B batch; H, W, C an image or feature map; N classes; L cells; C_conn (C in names)
+connections per cell; K branches; S = L x C_conn x K routed units.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -77,9 +83,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dynroute_jax import costs
+from dynroute_jax import dispatch
 from dynroute_jax import routing
 from dynroute_jax.models import base
+from dynroute_jax.models import common
 from dynroute_jax.models import ops
 
 Array = jax.Array
@@ -92,8 +99,151 @@ NUM_BRANCHES = len(BRANCHES)
 VARIANTS = {"tiny": (3, 8), "S": (5, 15), "M": (10, 20), "L": (10, 32)}
 STEMS = ("cifar", "imagenet")
 ROUTER_INPUTS = ("raw", "preprocessed")
-STRATEGIES = ("auto", "dense", "batch_cond", "per_example", "compact", "chunk")
 AUX_CHANNELS = (128, 768)
+# Cost groups that run for every example (the auxiliary head runs in training only).
+FIXED_GROUPS = ("stem", "preprocess", common.ROUTERS, "classifier")
+
+
+# ------------------------------------------------------------------------------------------------
+# Config.
+# ------------------------------------------------------------------------------------------------
+
+
+def _stem_reduction(stem: str) -> int:
+  return 1 if stem == "cifar" else 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DRNetConfig:
+  """DRNet's hyperparameters (the `config.model` fields but 'name' and 'variant'), validated."""
+  num_classes: int = 10
+  num_cells: int = 5
+  init_channels: int = 15
+  num_nodes: int = 4
+  inputs_per_node: int = 2
+  topology_seed: int = 0
+  use_router: bool = True
+  gumbel: bool = True
+  aux_head: bool = True
+  drop_branch_rate: float = 0.0
+  router_width_multiplier: float = 1.0
+  router_input: str = "raw"
+  stem: str = "cifar"
+  stem_multiplier: int = 3
+  aux_pool_stride: int = 3
+  image_size: int = 32
+  num_channels: int = 3
+
+  def __post_init__(self):
+    """Raises a ValueError naming the first bad field and its allowed values."""
+    common.check_int(self.num_cells, "num_cells", 3)
+    common.check_int(self.init_channels, "init_channels", 1)
+    common.check_int(self.num_nodes, "num_nodes", 1)
+    if self.inputs_per_node != 2 or not common.is_int(self.inputs_per_node):
+      raise ValueError(f"config.model.inputs_per_node must be 2 (x_(i-1) and x0 or x1, the "
+                       f"paper's plain topology); got {self.inputs_per_node!r}.")
+    common.check_int(self.topology_seed, "topology_seed", 0)
+    for name in ("use_router", "gumbel", "aux_head"):
+      common.check_bool(getattr(self, name), name)
+    common.check_rate(self.drop_branch_rate, "drop_branch_rate")
+    v = self.router_width_multiplier
+    if not common.is_number(v) or not (math.isfinite(v) and v > 0):
+      raise ValueError(f"config.model.router_width_multiplier must be a number > 0; got {v!r}.")
+    common.check_choice(self.router_input, "router_input", ROUTER_INPUTS)
+    common.check_choice(self.stem, "stem", STEMS)
+    for name in ("stem_multiplier", "aux_pool_stride", "num_classes", "num_channels",
+                 "image_size"):
+      common.check_int(getattr(self, name), name, 1)
+    common.check_image_size(self.image_size, self.reduction_factor, self.reduction_reason)
+
+  @property
+  def reduction_factor(self) -> int:
+    """Total spatial reduction: the stem's, then two reduction cells."""
+    return 4 * _stem_reduction(self.stem)
+
+  @property
+  def reduction_reason(self) -> str:
+    return (f"the {self.stem} stem reduces by {_stem_reduction(self.stem)}, then two reduction "
+            "cells halve the resolution twice")
+
+  @property
+  def topology(self) -> tuple[tuple[int, int], ...]:
+    """Per node (x_{i-1} index, random input index in {0, 1}); shared by every cell."""
+    return make_topology(self.topology_seed, self.num_nodes)
+
+  @property
+  def num_connections(self) -> int:
+    return self.inputs_per_node * self.num_nodes
+
+  @property
+  def reduction_cells(self) -> tuple[int, int]:
+    return (self.num_cells // 3, 2 * self.num_cells // 3)
+
+  @property
+  def aux_cell(self) -> int:
+    """0-based index of the cell whose output feeds the auxiliary head (DARTS: 2L//3)."""
+    return 2 * self.num_cells // 3
+
+  @property
+  def site_shape(self) -> tuple[int, int, int]:
+    return (self.num_cells, self.num_connections, NUM_BRANCHES)
+
+  def router_width(self, channels: int) -> int:
+    return max(1, int(round(self.router_width_multiplier * channels)))
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(DRNetConfig))
+CONFIG_FIELDS = ("name", "variant") + FIELD_NAMES
+
+
+def _check_variant(variant: Any) -> None:
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant must be one of {tuple(VARIANTS)} "
+                     f"('S', 'M', 'L' from the paper, 'tiny' for tests); got {variant!r}.")
+
+
+def default_config(variant: str = "S", num_classes: int = 10, image_size: int = 32,
+                   num_channels: int = 3) -> ml_collections.ConfigDict:
+  """The `config.model` section of a DRNet variant ('S', 'M', 'L', or 'tiny' for tests)."""
+  _check_variant(variant)
+  num_cells, channels = VARIANTS[variant]
+  return ml_collections.ConfigDict(dict(
+      name="drnet",
+      variant=variant,
+      num_cells=num_cells,
+      init_channels=channels,
+      num_nodes=4,
+      inputs_per_node=2,
+      topology_seed=0,
+      use_router=True,          # False: "w/o RouterNet" ablation (learned logits per connection).
+      gumbel=True,              # False: "Softmax" ablation (no Gumbel noise in training).
+      aux_head=True,
+      drop_branch_rate=0.0,     # see the module docstring for the reading; 0 disables.
+      router_width_multiplier=1.0,  # router width = round(multiplier * cell channels).
+      router_input="raw",       # 'raw' (x0, x1 as received) or 'preprocessed'.
+      stem="cifar",             # 'cifar' or 'imagenet' (two stride-2 stems, DARTS ImageNet).
+      stem_multiplier=3,
+      aux_pool_stride=3,        # DARTS: 3 (CIFAR head), 2 (ImageNet head).
+      num_classes=num_classes,
+      image_size=image_size,
+      num_channels=num_channels,
+  ))
+
+
+def config_from_model_config(model_config: ml_collections.ConfigDict | dict) -> DRNetConfig:
+  """The validated `DRNetConfig` of a `config.model` section (see `default_config`)."""
+  cfg = common.config_dict(model_config)
+  common.check_config_keys(cfg, CONFIG_FIELDS,
+                           "Unknown config.model field(s) {unknown}; allowed: {allowed}.")
+  if cfg.get("name", "drnet") != "drnet":
+    raise ValueError(f"config.model.name must be 'drnet' here; got {cfg.get('name')!r}.")
+  _check_variant(cfg.get("variant"))
+  return DRNetConfig(**{k: v for k, v in cfg.items() if k in FIELD_NAMES})
+
+
+def from_config(model_config: ml_collections.ConfigDict | dict) -> DRNet:
+  """Validates `config.model` (see `default_config`) and builds the DRNet; nothing is compiled."""
+  return DRNet(config_from_model_config(model_config))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,14 +359,7 @@ class AuxHead(nn.Module):
     return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
-class Classifier(nn.Module):
-  """Global average pool, dense -> classes."""
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> Array:
-    del train
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+Classifier = common.Classifier  # global average pool, dense -> classes.
 
 
 def drop_branch(key: Array, weights: Array, rate: float) -> Array:
@@ -259,17 +402,10 @@ class Connection(nn.Module):
     return out
 
   def _dispatch(self, x: Array, weights: Array, mask: Array, strategy: str) -> Array:
-    from dynroute_jax import dispatch  # pylint: disable=g-import-not-at-top
-    fns = []
-    for branch in self.branches:
-      module, variables = branch.unbind()
-      fns.append(functools.partial(_apply_eval, module, variables))
+    """Runs each branch only on the examples that kept it (`dispatch.mix_branches`)."""
+    fns = [common.pure_fn(branch) for branch in self.branches]
     w = jnp.where(mask, weights, 0.0)
     return dispatch.mix_branches(fns, x, w, strategy=strategy)
-
-
-def _apply_eval(module: nn.Module, variables: Any, x: Array) -> Array:
-  return module.apply(variables, x, train=False)
 
 
 class Cell(nn.Module):
@@ -362,38 +498,87 @@ class CellPlan:
   connections: tuple[tuple[tuple[int, int, int], int], ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class CostTables:
-  """Per-example MACs/params of every branch and of the fixed parts, for one input shape."""
-  macs_table: np.ndarray      # [L, C, K] int64
-  params_table: np.ndarray    # [L, C, K] int64
-  macs: dict[str, int]        # stem, preprocess, routers, classifier, branches, aux_head
-  params: dict[str, int]      # same keys
-
-  @property
-  def macs_fixed(self) -> int:
-    return sum(self.macs[k] for k in ("stem", "preprocess", "routers", "classifier"))
-
-  @property
-  def params_fixed(self) -> int:
-    return sum(self.params[k] for k in ("stem", "preprocess", "routers", "classifier"))
+@functools.lru_cache(maxsize=None)
+def _plan(cfg: DRNetConfig, hwc: tuple[int, int, int]) -> tuple[CellPlan, ...]:
+  h, w, _ = hwc
+  c = cfg.init_channels
+  if cfg.stem == "cifar":
+    s0 = s1 = (h, w, cfg.stem_multiplier * c)
+  else:
+    s0 = (h // 4, w // 4, c)
+    s1 = (h // 8, w // 8, c)
+  plans = []
+  reductions = cfg.reduction_cells
+  for i in range(cfg.num_cells):
+    if i in reductions:
+      c *= 2
+    reduction = i in reductions
+    hi, wi = s1[0], s1[1]
+    ho, wo = (hi // 2, wi // 2) if reduction else (hi, wi)
+    router_c = s0[2] + s1[2] if cfg.router_input == "raw" else 2 * c
+    conns = []
+    for prev, rand in cfg.topology:
+      for src in (prev, rand):
+        if src < 2:
+          conns.append(((hi, wi, c), 2 if reduction else 1))
+        else:
+          conns.append(((ho, wo, c), 1))
+    out = (ho, wo, cfg.num_nodes * c)
+    plans.append(CellPlan(i, c, reduction, s0, s1, out, (hi, wi, router_c), tuple(conns)))
+    s0, s1 = s1, out
+  return tuple(plans)
 
 
 @functools.lru_cache(maxsize=None)
-def _cost(builder: Callable[..., nn.Module], args: tuple, input_shape: tuple[int, ...]
-          ) -> tuple[int, int]:
-  """(MACs, params) of `builder(*args)` on one example of `input_shape` (batch 1 included)."""
-  module = builder(*args, parent=None)
-  return (costs.module_macs(module, input_shape, train=False),
-          costs.module_params(module, input_shape, train=False))
+def _cost_tables(cfg: DRNetConfig, hwc: tuple[int, int, int]) -> common.CostTables:
+  plans = _plan(cfg, hwc)
+  macs_LxCxK = np.zeros(cfg.site_shape, np.int64)
+  params_LxCxK = np.zeros_like(macs_LxCxK)
+  macs = dict(stem=0, preprocess=0, routers=0, classifier=0, branches=0, aux_head=0)
+  params = dict(macs)
+
+  def add(group, module, in_shape):
+    m, p = common.module_costs(module, in_shape)
+    macs[group] += m
+    params[group] += p
+
+  add("stem", Stem(cfg.stem, cfg.init_channels, cfg.stem_multiplier, parent=None), hwc)
+  for p in plans:
+    add("preprocess", make_preprocess(p.channels, p.in0[0] == 2 * p.in1[0], parent=None), p.in0)
+    add("preprocess", make_preprocess(p.channels, False, parent=None), p.in1)
+    if cfg.use_router:
+      add(common.ROUTERS, RouterNet(cfg.router_width(p.channels), cfg.num_connections,
+                                    parent=None), p.router_in)
+    else:
+      add(common.ROUTERS, FixedRouter(cfg.num_connections, parent=None), p.in1)
+    for c, (shape, stride) in enumerate(p.connections):
+      for b, kind in enumerate(BRANCHES):
+        macs_LxCxK[p.index, c, b], params_LxCxK[p.index, c, b] = common.module_costs(
+            make_branch(kind, p.channels, stride, parent=None), shape)
+  add("classifier", Classifier(cfg.num_classes, parent=None), plans[-1].out)
+  if cfg.aux_head:
+    add("aux_head", AuxHead(cfg.num_classes, cfg.aux_pool_stride, parent=None),
+        plans[cfg.aux_cell].out)
+  macs["branches"] = int(macs_LxCxK.sum())
+  params["branches"] = int(params_LxCxK.sum())
+  return common.CostTables(macs_LxCxK, params_LxCxK, macs, params, FIXED_GROUPS)
 
 
-def _router_builder(width: int, num_connections: int, parent=None) -> nn.Module:
-  return RouterNet(width, num_connections, parent=parent)
+def size_report(model: DRNet, input_shape: tuple[int, ...] | None = None
+                ) -> dict[str, dict[str, int]]:
+  """Per-example parameters and MACs, split into backbone / routers / aux head.
 
+  'backbone' = stem + preprocessing + every branch + classifier. 'total' = backbone + routers
+  (the model size the paper reports; the auxiliary head is excluded). MACs count every branch.
+  """
+  t = model.cost_tables(input_shape)
 
-def _fixed_router_builder(num_connections: int, parent=None) -> nn.Module:
-  return FixedRouter(num_connections, parent=parent)
+  def split(d):
+    backbone = d["stem"] + d["preprocess"] + d["branches"] + d["classifier"]
+    return dict(backbone=backbone, routers=d["routers"], aux_head=d["aux_head"],
+                total=backbone + d["routers"])
+
+  return dict(params=split(t.params), macs=split(t.macs))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,23 +588,7 @@ def _fixed_router_builder(num_connections: int, parent=None) -> nn.Module:
 
 class DRNet(nn.Module):
   """Dynamic Routing Network. See the module docstring; build it with `from_config`."""
-  num_classes: int = 10
-  num_cells: int = 5
-  init_channels: int = 15
-  num_nodes: int = 4
-  inputs_per_node: int = 2
-  topology_seed: int = 0
-  use_router: bool = True
-  gumbel: bool = True
-  aux_head: bool = True
-  drop_branch_rate: float = 0.0
-  router_width_multiplier: float = 1.0
-  router_input: str = "raw"
-  stem: str = "cifar"
-  stem_multiplier: int = 3
-  aux_pool_stride: int = 3
-  image_size: int = 32
-  num_channels: int = 3
+  config: DRNetConfig = DRNetConfig()
 
   model_name: ClassVar[str] = "drnet"
   router_param_pattern: ClassVar[str] = base.ROUTER_PARAM_PATTERN
@@ -428,28 +597,21 @@ class DRNet(nn.Module):
 
   @property
   def topology(self) -> tuple[tuple[int, int], ...]:
-    """Per node (x_{i-1} index, random input index in {0, 1}); shared by every cell."""
-    return make_topology(self.topology_seed, self.num_nodes)
-
-  @property
-  def num_connections(self) -> int:
-    return self.inputs_per_node * self.num_nodes
-
-  @property
-  def reduction_cells(self) -> tuple[int, int]:
-    return (self.num_cells // 3, 2 * self.num_cells // 3)
-
-  @property
-  def aux_cell(self) -> int:
-    """0-based index of the cell whose output feeds the auxiliary head (DARTS: 2L//3)."""
-    return 2 * self.num_cells // 3
+    return self.config.topology
 
   @property
   def site_shape(self) -> tuple[int, int, int]:
-    return (self.num_cells, self.num_connections, NUM_BRANCHES)
+    return self.config.site_shape
 
-  def router_width(self, channels: int) -> int:
-    return max(1, int(round(self.router_width_multiplier * channels)))
+  def plan(self, input_shape: tuple[int, ...]) -> tuple[CellPlan, ...]:
+    """Static shapes of every cell for an input of `input_shape` ([B,] H, W, C)."""
+    return _plan(self.config, tuple(input_shape[-3:]))
+
+  def cost_tables(self, input_shape: tuple[int, ...] | None = None) -> common.CostTables:
+    """Per-example cost tables for inputs of `input_shape` (default: the configured image)."""
+    if input_shape is None:
+      input_shape = (self.config.image_size, self.config.image_size, self.config.num_channels)
+    return _cost_tables(self.config, tuple(input_shape[-3:]))
 
   # ---- the RoutedModel contract (see `base.RoutedModel`) -----------------------------------------
 
@@ -496,325 +658,55 @@ class DRNet(nn.Module):
     return {"macs_per_cell": [float(v) for v in per_unit_LxCxK.sum(axis=(1, 2))],
             "macs_per_branch_type": [float(v) for v in per_unit_LxCxK.sum(axis=(0, 1))]}
 
-  def _fields(self) -> dict[str, Any]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(DRNet)
-            if f.name in FIELD_NAMES}
-
-  def plan(self, input_shape: tuple[int, ...]) -> tuple[CellPlan, ...]:
-    """Static shapes of every cell for an input of `input_shape` ([B,] H, W, C)."""
-    return _plan(tuple(sorted(self._fields().items())), tuple(input_shape[-3:]))
-
-  def cost_tables(self, input_shape: tuple[int, ...] | None = None) -> CostTables:
-    """Per-example cost tables for inputs of `input_shape` (default: the configured image)."""
-    if input_shape is None:
-      input_shape = (self.image_size, self.image_size, self.num_channels)
-    return _cost_tables(tuple(sorted(self._fields().items())), tuple(input_shape[-3:]))
-
   # ---- forward ---------------------------------------------------------------------------------
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool, tau: float | Array = 1.0,
                threshold: float | Array | None = None, drop_path_rate: float | Array = 0.0,
                strategy: str = "dense", router_override: Array | None = None) -> base.ModelOutput:
-    validate_fields(self._fields(), prefix="DRNet.")
-    if router_override is not None:
-      if train:
-        raise ValueError("router_override applies to evaluation only (train=False).")
-      if tuple(router_override.shape) != (math.prod(self.site_shape),):
-        raise ValueError(f"router_override must have shape [{math.prod(self.site_shape)}] (the "
-                         f"flattened site shape {self.site_shape}); got {router_override.shape}.")
-      router_override = router_override.reshape(self.site_shape)
-    routing.check_tau(tau, "tau")
-    if threshold is not None:
-      if train:
-        raise ValueError("threshold applies to evaluation only (train=False); got "
-                         f"threshold={threshold!r} with train=True.")
-      routing.check_threshold(threshold, "threshold")
-    if isinstance(drop_path_rate, (int, float)) and not 0.0 <= drop_path_rate < 1.0:
-      raise ValueError(f"drop_path_rate must lie in [0, 1); got {drop_path_rate!r}.")
-    if strategy not in STRATEGIES:
-      raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
-    if x.ndim != 4 or x.shape[-1] != self.num_channels:
-      raise ValueError(f"x must be [B, H, W, {self.num_channels}] (num_channels="
-                       f"{self.num_channels}); got shape {x.shape}.")
-    _check_spatial(x.shape[1], x.shape[2], self.stem, "x's H and W")
-    strategy = _resolve_strategy(strategy, x.shape[0]) if threshold is not None else "dense"
+    cfg = self.config
+    common.check_router_override(router_override, train, math.prod(self.site_shape),
+                                 f"the flattened site shape {self.site_shape}")
+    common.check_call(train=train, tau=tau, threshold=threshold, drop_path_rate=drop_path_rate,
+                      strategy=strategy, threshold_in_training=False)
+    common.check_images(x, cfg.num_channels, cfg.reduction_factor, cfg.reduction_reason)
+    strategy = common.resolve_strategy(strategy, x.shape[0], threshold is not None)
+    override_LxCxK = (None if router_override is None
+                      else router_override.reshape(self.site_shape))
 
-    plans = self.plan(x.shape)
-    s0, s1 = Stem(self.stem, self.init_channels, self.stem_multiplier, name="stem")(x, train=train)
+    s0, s1 = Stem(cfg.stem, cfg.init_channels, cfg.stem_multiplier, name="stem")(x, train=train)
     weights, executed, cleans = [], [], []
     aux_logits = None
-    for p in plans:
-      out, w, e, cw = Cell(p.channels, p.reduction, self.topology, self.use_router, self.gumbel,
-                       self.drop_branch_rate, self.router_width(p.channels), self.router_input,
-                       name=f"cell_{p.index}")(
-                           s0, s1, train=train, tau=tau, threshold=threshold,
-                           drop_path_rate=drop_path_rate, strategy=strategy,
-                           router_override=(None if router_override is None
-                                            else router_override[p.index]))
+    for p in self.plan(x.shape):
+      out, w, e, cw = Cell(p.channels, p.reduction, cfg.topology, cfg.use_router, cfg.gumbel,
+                           cfg.drop_branch_rate, cfg.router_width(p.channels), cfg.router_input,
+                           name=f"cell_{p.index}")(
+                               s0, s1, train=train, tau=tau, threshold=threshold,
+                               drop_path_rate=drop_path_rate, strategy=strategy,
+                               router_override=(None if override_LxCxK is None
+                                                else override_LxCxK[p.index]))
       assert out.shape[1:] == p.out, (out.shape, p.out)
       s0, s1 = s1, out
       weights.append(w)
       executed.append(e)
       cleans.append(cw)
-      if (p.index == self.aux_cell and self.aux_head
-          and (train or self.is_initializing())):
-        aux = AuxHead(self.num_classes, self.aux_pool_stride, name="aux_head")(s1, train=train)
+      if p.index == cfg.aux_cell and cfg.aux_head and (train or self.is_initializing()):
+        aux = AuxHead(cfg.num_classes, cfg.aux_pool_stride, name="aux_head")(s1, train=train)
         aux_logits = aux if train else None
-    logits = Classifier(self.num_classes, name="classifier")(s1)
+    logits = Classifier(cfg.num_classes, name="classifier")(s1)
 
     b = x.shape[0]
-    weights = jnp.stack(weights, axis=1).reshape(b, -1)
-    executed = jnp.stack(executed, axis=1).reshape(b, -1)
-    router_probs = jnp.stack(cleans, axis=1).reshape(b, -1)
-    tables = self.cost_tables(x.shape)
-    return base.ModelOutput(
-        logits=logits,
-        aux_logits=aux_logits,
-        weights=weights,
-        executed=executed,
-        path=weights,
-        macs_table=jnp.asarray(tables.macs_table.reshape(-1), jnp.float32),
-        params_table=jnp.asarray(tables.params_table.reshape(-1), jnp.float32),
-        macs_fixed=jnp.asarray(tables.macs_fixed, jnp.float32),
-        params_fixed=jnp.asarray(tables.params_fixed, jnp.float32),
-        site_shape=self.site_shape,
-        router_probs=router_probs,
-        router_macs=jnp.asarray(tables.macs["routers"], jnp.float32),
-    )
-
-
-def _resolve_strategy(strategy: str, batch_size: int) -> str:
-  """'auto' -> the dispatcher's platform default ('dense' without a dispatcher); checks the rest."""
-  try:
-    from dynroute_jax import dispatch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    dispatch = None
-  if dispatch is None:
-    if strategy in ("auto", "dense"):
-      return "dense"
-    raise NotImplementedError(f"strategy={strategy!r} needs dynroute_jax.dispatch; only 'dense' "
-                              "(compute every branch, then mask) is available.")
-  return dispatch.resolve_strategy(strategy, batch_size)
-
-
-FIELD_NAMES = tuple(f.name for f in dataclasses.fields(DRNet)
-                    if f.name not in ("parent", "name"))
-
-
-def _model_from_items(items: tuple) -> DRNet:
-  return DRNet(**dict(items), parent=None)
-
-
-def _stem_reduction(stem: str) -> int:
-  return 1 if stem == "cifar" else 8
-
-
-def _check_spatial(h: int, w: int, stem: str, what: str) -> None:
-  factor = 4 * _stem_reduction(stem)
-  if h % factor or w % factor:
-    raise ValueError(f"{what} must be divisible by {factor} (the {stem} stem reduces by "
-                     f"{_stem_reduction(stem)}, then two reduction cells halve it twice); "
-                     f"got {h}x{w}.")
-
-
-@functools.lru_cache(maxsize=None)
-def _plan(items: tuple, hwc: tuple[int, int, int]) -> tuple[CellPlan, ...]:
-  m = _model_from_items(items)
-  h, w, _ = hwc
-  c = m.init_channels
-  if m.stem == "cifar":
-    s0 = s1 = (h, w, m.stem_multiplier * c)
-  else:
-    s0 = (h // 4, w // 4, c)
-    s1 = (h // 8, w // 8, c)
-  plans = []
-  reductions = m.reduction_cells
-  for i in range(m.num_cells):
-    if i in reductions:
-      c *= 2
-    reduction = i in reductions
-    hi, wi = s1[0], s1[1]
-    ho, wo = (hi // 2, wi // 2) if reduction else (hi, wi)
-    router_c = s0[2] + s1[2] if m.router_input == "raw" else 2 * c
-    conns = []
-    for node, (prev, rand) in enumerate(m.topology):
-      for src in (prev, rand):
-        if src < 2:
-          conns.append(((hi, wi, c), 2 if reduction else 1))
-        else:
-          conns.append(((ho, wo, c), 1))
-    out = (ho, wo, m.num_nodes * c)
-    plans.append(CellPlan(i, c, reduction, s0, s1, out, (hi, wi, router_c), tuple(conns)))
-    s0, s1 = s1, out
-  return tuple(plans)
-
-
-@functools.lru_cache(maxsize=None)
-def _cost_tables(items: tuple, hwc: tuple[int, int, int]) -> CostTables:
-  m = _model_from_items(items)
-  plans = _plan(items, hwc)
-  k = NUM_BRANCHES
-  macs_t = np.zeros((m.num_cells, m.num_connections, k), np.int64)
-  params_t = np.zeros_like(macs_t)
-  macs = dict(stem=0, preprocess=0, routers=0, classifier=0, branches=0, aux_head=0)
-  params = dict(macs)
-
-  def add(group, cost):
-    macs[group] += cost[0]
-    params[group] += cost[1]
-
-  add("stem", _cost(Stem, (m.stem, m.init_channels, m.stem_multiplier), (1,) + hwc))
-  for p in plans:
-    add("preprocess", _cost(make_preprocess, (p.channels, p.in0[0] == 2 * p.in1[0]),
-                            (1,) + p.in0))
-    add("preprocess", _cost(make_preprocess, (p.channels, False), (1,) + p.in1))
-    if m.use_router:
-      add("routers", _cost(_router_builder, (m.router_width(p.channels), m.num_connections),
-                           (1,) + p.router_in))
-    else:
-      add("routers", _cost(_fixed_router_builder, (m.num_connections,), (1,) + p.in1))
-    for c, (shape, stride) in enumerate(p.connections):
-      for b, kind in enumerate(BRANCHES):
-        cm, cp = _cost(make_branch, (kind, p.channels, stride), (1,) + shape)
-        macs_t[p.index, c, b] = cm
-        params_t[p.index, c, b] = cp
-  add("classifier", _cost(Classifier, (m.num_classes,), (1,) + plans[-1].out))
-  if m.aux_head:
-    add("aux_head", _cost(AuxHead, (m.num_classes, m.aux_pool_stride),
-                          (1,) + plans[m.aux_cell].out))
-  macs["branches"] = int(macs_t.sum())
-  params["branches"] = int(params_t.sum())
-  return CostTables(macs_t, params_t, macs, params)
-
-
-# ------------------------------------------------------------------------------------------------
-# Config.
-# ------------------------------------------------------------------------------------------------
-
-
-def default_config(variant: str = "S", num_classes: int = 10, image_size: int = 32,
-                   num_channels: int = 3) -> ml_collections.ConfigDict:
-  """The `config.model` section of a DRNet variant ('S', 'M', 'L', or 'tiny' for tests)."""
-  if variant not in VARIANTS:
-    raise ValueError(f"config.model.variant must be one of {tuple(VARIANTS)} "
-                     f"('S', 'M', 'L' from the paper, 'tiny' for tests); got {variant!r}.")
-  num_cells, channels = VARIANTS[variant]
-  return ml_collections.ConfigDict(dict(
-      name="drnet",
-      variant=variant,
-      num_cells=num_cells,
-      init_channels=channels,
-      num_nodes=4,
-      inputs_per_node=2,
-      topology_seed=0,
-      use_router=True,          # False: "w/o RouterNet" ablation (learned logits per connection).
-      gumbel=True,              # False: "Softmax" ablation (no Gumbel noise in training).
-      aux_head=True,
-      drop_branch_rate=0.0,     # see the module docstring for the reading; 0 disables.
-      router_width_multiplier=1.0,  # router width = round(multiplier * cell channels).
-      router_input="raw",       # 'raw' (x0, x1 as received) or 'preprocessed'.
-      stem="cifar",             # 'cifar' or 'imagenet' (two stride-2 stems, DARTS ImageNet).
-      stem_multiplier=3,
-      aux_pool_stride=3,        # DARTS: 3 (CIFAR head), 2 (ImageNet head).
-      num_classes=num_classes,
-      image_size=image_size,
-      num_channels=num_channels,
-  ))
-
-
-CONFIG_FIELDS = ("name", "variant") + FIELD_NAMES
-
-
-def _is_int(v: Any) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-def validate_fields(f: dict[str, Any], prefix: str = "config.model.") -> None:
-  """Raises a ValueError naming the first bad model field and its allowed values."""
-  def need_int(name, lo):
-    v = f[name]
-    if not _is_int(v) or v < lo:
-      raise ValueError(f"{prefix}{name} must be an int >= {lo}; got {v!r}.")
-
-  def need_bool(name):
-    if not isinstance(f[name], (bool, np.bool_)):
-      raise ValueError(f"{prefix}{name} must be a bool; got {f[name]!r}.")
-
-  def need_choice(name, allowed):
-    if f[name] not in allowed:
-      raise ValueError(f"{prefix}{name} must be one of {allowed}; got {f[name]!r}.")
-
-  need_int("num_cells", 3)
-  need_int("init_channels", 1)
-  need_int("num_nodes", 1)
-  if f["inputs_per_node"] != 2 or not _is_int(f["inputs_per_node"]):
-    raise ValueError(f"{prefix}inputs_per_node must be 2 (x_(i-1) and x0 or x1, the paper's "
-                     f"plain topology); got {f['inputs_per_node']!r}.")
-  need_int("topology_seed", 0)
-  for name in ("use_router", "gumbel", "aux_head"):
-    need_bool(name)
-  v = f["drop_branch_rate"]
-  if not _is_num(v) or not 0.0 <= v < 1.0:
-    raise ValueError(f"{prefix}drop_branch_rate must lie in [0, 1); got {v!r}.")
-  v = f["router_width_multiplier"]
-  if not _is_num(v) or not (math.isfinite(v) and v > 0):
-    raise ValueError(f"{prefix}router_width_multiplier must be a number > 0; got {v!r}.")
-  need_choice("router_input", ROUTER_INPUTS)
-  need_choice("stem", STEMS)
-  need_int("stem_multiplier", 1)
-  need_int("aux_pool_stride", 1)
-  need_int("num_classes", 1)
-  need_int("num_channels", 1)
-  need_int("image_size", 1)
-  factor = 4 * _stem_reduction(f["stem"])
-  if f["image_size"] % factor:
-    raise ValueError(f"{prefix}image_size must be divisible by {factor} (the {f['stem']} stem "
-                     f"reduces by {_stem_reduction(f['stem'])}, then two reduction cells halve "
-                     f"the resolution twice); got {f['image_size']!r}.")
-
-
-def from_config(model_config: ml_collections.ConfigDict | dict) -> DRNet:
-  """Validates `config.model` (see `default_config`) and builds the DRNet; nothing is compiled."""
-  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-  unknown = sorted(set(cfg) - set(CONFIG_FIELDS))
-  if unknown:
-    raise ValueError(f"Unknown config.model field(s) {unknown}; allowed: {CONFIG_FIELDS}.")
-  if cfg.get("name", "drnet") != "drnet":
-    raise ValueError(f"config.model.name must be 'drnet' here; got {cfg.get('name')!r}.")
-  variant = cfg.get("variant")
-  if variant not in VARIANTS:
-    raise ValueError(f"config.model.variant must be one of {tuple(VARIANTS)} "
-                     f"('S', 'M', 'L' from the paper, 'tiny' for tests); got {variant!r}.")
-  fields = {f.name: f.default for f in dataclasses.fields(DRNet) if f.name in FIELD_NAMES}
-  fields.update({k: v for k, v in cfg.items() if k in FIELD_NAMES})
-  validate_fields(fields)
-  return DRNet(**fields)
-
-
-def size_report(model: DRNet, input_shape: tuple[int, ...] | None = None) -> dict[str, dict[str, int]]:
-  """Per-example parameters and MACs, split into backbone / routers / aux head.
-
-  'backbone' = stem + preprocessing + every branch + classifier. 'total' = backbone + routers
-  (the model size the paper reports; the auxiliary head is excluded). MACs count every branch.
-  """
-  t = model.cost_tables(input_shape)
-
-  def split(d):
-    backbone = d["stem"] + d["preprocess"] + d["branches"] + d["classifier"]
-    return dict(backbone=backbone, routers=d["routers"], aux_head=d["aux_head"],
-                total=backbone + d["routers"])
-
-  return dict(params=split(t.params), macs=split(t.macs))
+    weights_BxS = jnp.stack(weights, axis=1).reshape(b, -1)
+    return common.model_output(
+        logits=logits, aux_logits=aux_logits, weights_BxS=weights_BxS,
+        executed_BxS=jnp.stack(executed, axis=1).reshape(b, -1), path_BxP=weights_BxS,
+        router_probs_BxS=jnp.stack(cleans, axis=1).reshape(b, -1),
+        tables=self.cost_tables(x.shape), site_shape=self.site_shape)
 
 
 __all__ = [
-    "BRANCHES", "SKIP_INDEX", "NUM_BRANCHES", "VARIANTS", "DRNet", "Cell", "Connection",
-    "RouterNet", "FixedRouter", "AuxHead", "Stem", "Classifier", "CostTables", "CellPlan",
-    "make_topology", "make_branch", "drop_branch", "default_config", "from_config",
-    "validate_fields", "size_report",
+    "BRANCHES", "SKIP_INDEX", "NUM_BRANCHES", "VARIANTS", "DRNet", "DRNetConfig", "Cell",
+    "Connection", "RouterNet", "FixedRouter", "AuxHead", "Stem", "Classifier", "CellPlan",
+    "make_topology", "make_branch", "drop_branch", "default_config", "config_from_model_config",
+    "from_config", "size_report",
 ]

@@ -25,28 +25,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dynroute_jax.models import common
+
 Array = jax.Array
 
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
-
-
-def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
-  """The batch norm every op uses (see the module docstring)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      name=name)
-
-
-def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  p = kernel_size // 2
-  return ((p, p), (p, p))
-
-
-def conv(features: int, kernel_size: int, stride: int = 1, groups: int = 1,
-         name: str | None = None) -> nn.Conv:
-  """Bias-free 2-D convolution with PyTorch-style symmetric padding k // 2."""
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                 padding=_pad(kernel_size), feature_group_count=groups, use_bias=False, name=name)
+# The shared conv and batch norm (PyTorch conventions), re-exported for the ops' users.
+BN_MOMENTUM = common.BN_MOMENTUM
+BN_EPSILON = common.BN_EPSILON
+batch_norm = common.batch_norm
+conv = common.conv
 
 
 class ReLUConvBN(nn.Module):
@@ -136,12 +123,17 @@ class Identity(nn.Module):
     return x
 
 
-def drop_path(x: Array, rate: float | Array, key: Array) -> Array:
+def drop_path(x: Array, rate: float | Array, key: Array, *, scale_mask: bool = False) -> Array:
   """Zeroes whole examples with probability `rate` and scales the rest by 1 / (1 - rate).
 
-  `rate` may be a traced scalar (a schedule inside a jitted step).
+  `rate` may be a traced scalar (a schedule inside a jitted step). The kept examples are
+  x / keep (DARTS), or with `scale_mask` x * (mask / keep), the arithmetic CoDiNet's residual
+  branches were trained with; the two differ in the last bit, so each model keeps its own.
   """
   keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  if scale_mask:
+    mask_B = jax.random.bernoulli(key, keep, (x.shape[0],))
+    return x * (mask_B.astype(x.dtype) / keep).reshape((-1,) + (1,) * (x.ndim - 1))
   mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 

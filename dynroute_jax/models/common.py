@@ -1,0 +1,284 @@
+"""What the routed models share: layers, argument checks, cost tables, pure functions of submodules.
+
+  * Layers: `conv` and `batch_norm` (PyTorch conventions, see `dynroute_jax.models.ops`) and the
+    global-pool `Classifier`.
+  * Checks: config fields (`check_int`, `check_bool`, `check_choice`, `check_rate`,
+    `check_image_size`) and call arguments (`check_call`, `check_images`,
+    `check_router_override`), each a ValueError naming the field and what it allows.
+  * Costs: `module_costs` measures one submodule definition, `CostTables` holds a model's tables
+    and `model_output` turns them, with the routing arrays, into the `ModelOutput`.
+  * Dispatch: `pure_fn` turns a bound submodule into the pure function of a batch the dispatcher
+    runs on the examples that selected it; `resolve_strategy` picks the strategy of a call.
+
+Shape letters: B batch; H, W, C an image; N classes; S routed units (the flattened site shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynroute_jax import costs
+from dynroute_jax import dispatch
+from dynroute_jax import routing
+from dynroute_jax.models import base
+
+Array = jax.Array
+
+BN_MOMENTUM = 0.9    # PyTorch's momentum 0.1: new = 0.9 old + 0.1 batch.
+BN_EPSILON = 1e-5
+KAIMING_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+ROUTERS = "routers"  # the cost group of the routers (a static network needs none).
+
+# ------------------------------------------------------------------------------------------------
+# Layers.
+# ------------------------------------------------------------------------------------------------
+
+
+def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+  """Affine batch norm with PyTorch's defaults; batch statistics iff `train`."""
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      name=name)
+
+
+def conv(features: int, kernel_size: int, stride: int = 1, groups: int = 1,
+         name: str | None = None, kernel_init: Callable[..., Array] | None = None) -> nn.Conv:
+  """Bias-free 2-D convolution with PyTorch-style symmetric padding k // 2.
+
+  With symmetric padding a stride-2 conv maps an even H to H / 2, as in the reference code.
+  `kernel_init` None keeps Flax's default initialiser.
+  """
+  p = kernel_size // 2
+  init = {} if kernel_init is None else {"kernel_init": kernel_init}
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+                 padding=((p, p), (p, p)), feature_group_count=groups, use_bias=False, name=name,
+                 **init)
+
+
+class Classifier(nn.Module):
+  """Global average pool, dense -> classes ([B, H, W, C] -> [B, N])."""
+  num_classes: int
+  dense_name: str | None = None  # None: Flax's automatic name ('Dense_0').
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    del train
+    return nn.Dense(self.num_classes, name=self.dense_name)(jnp.mean(x, axis=(1, 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Config checks (`config.model.<field>`).
+# ------------------------------------------------------------------------------------------------
+
+PREFIX = "config.model."
+
+
+def is_int(v: Any) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def check_int(value: Any, field: str, minimum: int) -> None:
+  if not is_int(value) or value < minimum:
+    raise ValueError(f"{PREFIX}{field} must be an int >= {minimum}; got {value!r}.")
+
+
+def check_bool(value: Any, field: str) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{PREFIX}{field} must be a bool; got {value!r}.")
+
+
+def check_choice(value: Any, field: str, allowed: Sequence[Any]) -> None:
+  if value not in allowed:
+    raise ValueError(f"{PREFIX}{field} must be one of {tuple(allowed)}; got {value!r}.")
+
+
+def check_rate(value: Any, field: str) -> None:
+  """A probability in [0, 1) (drop rates)."""
+  if not is_number(value) or not 0.0 <= value < 1.0:
+    raise ValueError(f"{PREFIX}{field} must lie in [0, 1); got {value!r}.")
+
+
+def check_image_size(image_size: int, factor: int, why: str) -> None:
+  """The configured image size must survive the model's `factor`-fold spatial reduction."""
+  if image_size % factor:
+    raise ValueError(f"{PREFIX}image_size must be divisible by {factor} ({why}); "
+                     f"got {image_size!r}.")
+
+
+def check_config_keys(cfg: Mapping[str, Any], allowed: Sequence[str], message: str) -> None:
+  """`message.format(unknown=..., allowed=...)` unless every key of `cfg` is allowed."""
+  unknown = sorted(set(cfg) - set(allowed))
+  if unknown:
+    raise ValueError(message.format(unknown=unknown, allowed=tuple(allowed)))
+
+
+def config_dict(model_config: Any) -> dict[str, Any]:
+  """A plain dict of a `config.model` ConfigDict or mapping."""
+  return dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Call checks.
+# ------------------------------------------------------------------------------------------------
+
+
+def check_call(*, train: bool, tau: Any, threshold: Any, drop_path_rate: Any, strategy: Any,
+               threshold_in_training: bool) -> None:
+  """The keyword arguments every routed model's `__call__` takes (Python values only).
+
+  `threshold_in_training`: whether train=True may take a threshold (CoDiNet's fine-tuning does).
+  """
+  routing.check_tau(tau, "tau")
+  if threshold is not None:
+    if train and not threshold_in_training:
+      raise ValueError("threshold applies to evaluation only (train=False); got "
+                       f"threshold={threshold!r} with train=True.")
+    routing.check_threshold(threshold, "threshold")
+  if isinstance(drop_path_rate, (int, float)) and not 0.0 <= drop_path_rate < 1.0:
+    raise ValueError(f"drop_path_rate must lie in [0, 1); got {drop_path_rate!r}.")
+  if strategy not in dispatch.STRATEGIES:
+    raise ValueError(f"strategy must be one of {dispatch.STRATEGIES}; got {strategy!r}.")
+
+
+def check_images(x: Array, num_channels: int, factor: int, why: str) -> None:
+  """x must be [B, H, W, num_channels] with H and W multiples of the reduction `factor`."""
+  if x.ndim != 4 or x.shape[-1] != num_channels:
+    raise ValueError(f"x must be [B, H, W, {num_channels}] (num_channels={num_channels}); "
+                     f"got shape {x.shape}.")
+  h, w = x.shape[1], x.shape[2]
+  if h % factor or w % factor:
+    raise ValueError(f"image size {h}x{w} must be divisible by {factor} ({why}; "
+                     "config.model.image_size).")
+
+
+def check_router_override(router_override: Array | None, train: bool, size: int, meaning: str
+                          ) -> None:
+  """The static counterpart's router output: evaluation only, one value per routed unit."""
+  if router_override is None:
+    return
+  if train:
+    raise ValueError("router_override applies to evaluation only (train=False).")
+  if tuple(router_override.shape) != (size,):
+    raise ValueError(f"router_override must have shape [{size}] ({meaning}); "
+                     f"got {router_override.shape}.")
+
+
+def resolve_strategy(strategy: str, batch_size: int, thresholded: bool) -> str:
+  """The dispatch strategy of a call: 'auto' resolved; 'dense' unless a threshold skips work."""
+  return dispatch.resolve_strategy(strategy, batch_size) if thresholded else "dense"
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure functions of submodules (for the dispatcher).
+# ------------------------------------------------------------------------------------------------
+
+
+def _apply_eval(definition: nn.Module, variables: Any, x: Any) -> Any:
+  return definition.apply(variables, x, train=False)
+
+
+def pure_fn(module: nn.Module) -> Callable[[Any], Any]:
+  """`x -> module(x, train=False)` as a pure function of the batch `x`.
+
+  `module` is a bound submodule; its definition is detached from the parent and applied to the
+  submodule's variables, batch norm in inference mode, so one example's output depends on that
+  example alone (what the dispatcher needs to feed a function only some rows).
+  """
+  definition, variables = module.unbind()
+  return functools.partial(_apply_eval, definition, variables)
+
+
+# ------------------------------------------------------------------------------------------------
+# Costs.
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def module_costs(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, int]:
+  """(MACs, params) of an unbound `module(x, train=False)` for one example of `in_shape`.
+
+  `in_shape` has no batch axis. Build `module` with `parent=None`: these are called inside a
+  model's forward pass, where a module created without it would become a child of the model.
+  """
+  shape = (1, *in_shape)
+  return (costs.module_macs(module, shape, train=False),
+          costs.module_params(module, shape, train=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class CostTables:
+  """Exact per-example MACs and parameters of a routed model for one input shape.
+
+  Attributes:
+    macs_table: int64 array of the site shape: MACs of each routed unit.
+    params_table: the same for parameters.
+    macs: MACs per named group of the parts that are not routed ('stem', 'routers', ...).
+    params: parameters per group (the same keys).
+    fixed_groups: the groups that run for every example; other groups (DRNet's training-only
+      'aux_head', the routed units' total 'branches') are reported but not in `macs_fixed`.
+  """
+  macs_table: np.ndarray
+  params_table: np.ndarray
+  macs: Mapping[str, int]
+  params: Mapping[str, int]
+  fixed_groups: tuple[str, ...]
+
+  @property
+  def macs_fixed(self) -> int:
+    return sum(self.macs[k] for k in self.fixed_groups)
+
+  @property
+  def params_fixed(self) -> int:
+    return sum(self.params[k] for k in self.fixed_groups)
+
+  @property
+  def router_macs(self) -> int:
+    return self.macs[ROUTERS]
+
+  @property
+  def router_params(self) -> int:
+    return self.params[ROUTERS]
+
+  @property
+  def backbone_macs(self) -> int:
+    """MACs of the network with every unit running and no routers."""
+    return self.macs_fixed - self.router_macs + int(self.macs_table.sum())
+
+  @property
+  def backbone_params(self) -> int:
+    return self.params_fixed - self.router_params + int(self.params_table.sum())
+
+  @property
+  def total_params(self) -> int:
+    """Backbone and routers (the model size the papers report)."""
+    return self.params_fixed + int(self.params_table.sum())
+
+
+def model_output(*, logits: Array, aux_logits: Array | None, weights_BxS: Array,
+                 executed_BxS: Array, path_BxP: Array, router_probs_BxS: Array,
+                 tables: CostTables, site_shape: tuple[int, ...]) -> base.ModelOutput:
+  """The `ModelOutput` of a forward pass: its routing arrays and the model's cost tables."""
+  return base.ModelOutput(
+      logits=logits,
+      aux_logits=aux_logits,
+      weights=weights_BxS,
+      executed=executed_BxS,
+      path=path_BxP,
+      macs_table=jnp.asarray(tables.macs_table.reshape(-1), jnp.float32),
+      params_table=jnp.asarray(tables.params_table.reshape(-1), jnp.float32),
+      macs_fixed=jnp.asarray(tables.macs_fixed, jnp.float32),
+      params_fixed=jnp.asarray(tables.params_fixed, jnp.float32),
+      site_shape=site_shape,
+      router_probs=router_probs_BxS,
+      router_macs=jnp.asarray(tables.router_macs, jnp.float32),
+  )
