@@ -3,6 +3,15 @@
 Config files under `configs/` call `base_config()`, fill `config.model` with a model's
 `default_config(variant)`, and override what differs. `validate(config)` runs before anything is
 compiled and raises a ValueError naming the bad field and the allowed values.
+
+Unknown fields are refused by ml_collections' lock: main's `--config` flag locks the loaded config
+(config_flags' `lock_config`), so a misspelled command-line override fails as it is parsed, and
+`validate` writes every field into a locked `base_config()`, which refuses a field it lacks (a
+misspelled field in a config file would otherwise go unused). `check_threshold` is the one check
+of a routing threshold, for config fields, command-line values and the predictor's arguments.
+
+The module is longer than most: `base_config()` and `SCHEMA` list every field once each (its
+default and its range), and the hand-written checks of `validate` keep their order and messages.
 """
 
 from __future__ import annotations
@@ -15,9 +24,14 @@ import os
 from typing import Any, Optional
 
 import ml_collections
+import numpy as np
+
+from dynroute_jax import dispatch
 
 DATASETS = ("digits", "digits_graded", "cifar10", "cifar100", "svhn_cropped", "imagenet2012")
-STRATEGIES = ("auto", "dense", "batch_cond", "per_example", "compact", "chunk")
+STRATEGIES = dispatch.STRATEGIES
+# What a threshold's range protects, in its error message.
+THRESHOLD_NOTE = " (the routing threshold)"
 
 
 def sibling_config(this_file: str, name: str):
@@ -160,23 +174,69 @@ def _check_positive(value: Any, field: str, allow_zero: bool = False) -> None:
     raise ValueError(f"config.{field} must be a number {'>= 0' if allow_zero else '> 0'}; got {value!r}.")
 
 
-def check_known_fields(config: Any, reference: Any, prefix: str = "config") -> None:
-  """Raises on a field `reference` (the schema) does not have: a misspelled field would be ignored.
+def check_threshold(value: Any, source: str = "threshold", *, field: bool = False) -> Any:
+  """The one check of a routing threshold: a number in (0, 1]; returns it as a float.
 
-  ConfigDicts accept new fields, so `c.train.skip_nonfinite_step = True` in a config file would
-  otherwise be silently unused. `config.model` is checked by the model's from_config.
+  DRNet keeps, per connection, the fewest largest branch weights reaching T; CoDiNet runs a block
+  iff v >= T. Outside (0, 1] either nothing or everything would be kept.
+
+  Args:
+    value: a number, text a number is read from (a command-line entry), or a numpy array of
+      thresholds (every entry is checked; the array is returned as it is).
+    source: what the value is, for the message (e.g. '--thresholds entry').
+    field: `value` is a config field: only ints and floats are numbers (the schema owns the field's
+      type) and the message is the config's.
+
+  Raises:
+    ValueError: naming `source` and the value.
   """
-  for key in config.keys():
+  note = "" if field else THRESHOLD_NOTE
+  if isinstance(value, np.ndarray):
+    bad = value[~(np.isfinite(value) & (value > 0.0) & (value <= 1.0))]
+    if bad.size:
+      raise ValueError(f"{source} must lie in (0, 1]{note}, every entry of an array too; got "
+                       f"{float(bad.flat[0])!r} in an array of shape {value.shape}.")
+    return value
+  if field and not isinstance(value, (int, float)):
+    t = math.nan  # Not a number: refused by the range check below, with the config's message.
+  else:
+    try:
+      t = float(value)
+    except (TypeError, ValueError):
+      raise ValueError(f"{source} must be a number in (0, 1]; got {value!r}.") from None
+  if not (math.isfinite(t) and 0.0 < t <= 1.0):
+    raise ValueError(f"{source} must lie in (0, 1]{note}; got {value!r}.")
+  return t
+
+
+def check_known_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError for a field `base_config()` does not have, naming it and the fix.
+
+  The test is ml_collections' lock: the fields of `config` are written into a locked
+  `base_config()` (types unchecked: `check_schema` owns them), which refuses a field it lacks.
+  `config.model` is checked by the model's from_config.
+  """
+  reference = base_config().lock()
+  with reference.ignore_type():
+    _write_into_locked(reference, config, "config")
+
+
+def _write_into_locked(locked: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                       prefix: str) -> None:
+  for key, value in config.items():
     if prefix == "config" and key == "model":
       continue
-    if key not in reference:
-      close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+    if (isinstance(value, ml_collections.ConfigDict)
+        and isinstance(locked.get(key), ml_collections.ConfigDict)):
+      _write_into_locked(locked[key], value, f"{prefix}.{key}")
+      continue
+    try:
+      locked[key] = value
+    except KeyError:  # The lock: `locked` has no field `key`.
+      close = difflib.get_close_matches(key, list(locked.keys()), n=1)
       hint = f" Did you mean {prefix}.{close[0]}?" if close else ""
       raise ValueError(f"Unknown config field {prefix}.{key}.{hint} The fields of {prefix} are: "
-                       f"{', '.join(sorted(reference.keys()))}.")
-    value, ref = config[key], reference[key]
-    if isinstance(value, ml_collections.ConfigDict) and isinstance(ref, ml_collections.ConfigDict):
-      check_known_fields(value, ref, f"{prefix}.{key}")
+                       f"{', '.join(sorted(locked.keys()))}.") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,8 +448,12 @@ def check_schema(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the fields every run reads. Model fields are checked by the model's from_config."""
-  check_known_fields(config, base_config())
+  """Checks the fields every run reads. Model fields are checked by the model's from_config.
+
+  The checks before `check_schema` give their own messages (tests and the README quote them) and
+  their order decides which of several bad fields is named; `check_schema` covers the rest.
+  """
+  check_known_fields(config)
   _check_choice(config.data.name, DATASETS, "data.name")
   _check_choice(config.train.optimizer, ("sgd", "nesterov"), "train.optimizer")
   _check_choice(config.eval.strategy, STRATEGIES, "eval.strategy")
@@ -405,25 +469,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.train.label_smoothing < 1.0:
     raise ValueError(f"config.train.label_smoothing must lie in [0, 1); got {config.train.label_smoothing!r}.")
   for t in (config.eval.threshold, *config.eval.thresholds, *config.eval.static_thresholds):
-    if not (isinstance(t, (int, float)) and 0.0 < t <= 1.0):
-      raise ValueError(f"config.eval.threshold(s) must lie in (0, 1]; got {t!r}.")
+    check_threshold(t, "config.eval.threshold(s)", field=True)
   for name in ("stage1", "stage2")[:config.train.num_stages]:
-    s = config.train[name]
-    for f in ("tau_init", "tau_floor"):
-      _check_positive(s[f], f"train.{name}.{f}")
-    if s.tau_floor > s.tau_init:
-      raise ValueError(f"config.train.{name}.tau_floor ({s.tau_floor}) must not exceed "
-                       f"tau_init ({s.tau_init}).")
-    _check_positive(s.lr, f"train.{name}.lr", allow_zero=True)
-    _check_positive(s.epochs, f"train.{name}.epochs", allow_zero=True)
-    if s.steps < 0:
-      raise ValueError(f"config.train.{name}.steps must be >= 0; got {s.steps!r}.")
-    _check_choice(s.lr_schedule, ("cosine", "multistep", "constant"), f"train.{name}.lr_schedule")
-    for f in ("resource_weight", "consistency_weight", "diversity_weight", "cost_weight",
-              "aux_weight", "tau_decay_per_epoch"):
-      _check_positive(s[f], f"train.{name}.{f}", allow_zero=True)
-    if not 0.0 <= s.drop_path_rate < 1.0:
-      raise ValueError(f"config.train.{name}.drop_path_rate must lie in [0, 1); got {s.drop_path_rate!r}.")
+    _check_stage(config.train[name], f"train.{name}")
   _check_choice(config.train.resource_cost, ("branches", "total"), "train.resource_cost")
   _check_choice(config.train.path_loss_input, ("noisy", "clean"), "train.path_loss_input")
   _check_choice(config.train.cost_type, ("macs", "count_l1"), "train.cost_type")
@@ -441,3 +489,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError("Consistency/diversity losses need config.data.num_views >= 2 augmented views "
                        f"per image; got {config.data.num_views}.")
   check_schema(config)
+
+
+def _check_stage(s: ml_collections.ConfigDict, prefix: str) -> None:
+  """The hand-written checks of one training stage (see `validate`)."""
+  for f in ("tau_init", "tau_floor"):
+    _check_positive(s[f], f"{prefix}.{f}")
+  if s.tau_floor > s.tau_init:
+    raise ValueError(f"config.{prefix}.tau_floor ({s.tau_floor}) must not exceed "
+                     f"tau_init ({s.tau_init}).")
+  _check_positive(s.lr, f"{prefix}.lr", allow_zero=True)
+  _check_positive(s.epochs, f"{prefix}.epochs", allow_zero=True)
+  if s.steps < 0:
+    raise ValueError(f"config.{prefix}.steps must be >= 0; got {s.steps!r}.")
+  _check_choice(s.lr_schedule, ("cosine", "multistep", "constant"), f"{prefix}.lr_schedule")
+  for f in ("resource_weight", "consistency_weight", "diversity_weight", "cost_weight",
+            "aux_weight", "tau_decay_per_epoch"):
+    _check_positive(s[f], f"{prefix}.{f}", allow_zero=True)
+  if not 0.0 <= s.drop_path_rate < 1.0:
+    raise ValueError(f"config.{prefix}.drop_path_rate must lie in [0, 1); got {s.drop_path_rate!r}.")
