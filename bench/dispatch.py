@@ -45,19 +45,19 @@ import _timing  # noqa: E402
 WIDTHS = (16, 32, 64)
 DN = ("NHWC", "HWIO", "NHWC")
 
-# name -> (strategy, options)
+# Row name -> the strategy it runs.
 VARIANTS = {
-    "dense": ("dense", {}),
-    "batch_cond": ("batch_cond", {}),
-    "per_example": ("per_example", {}),
-    "compact": ("compact", {}),
-    "compact_geo": ("compact", {"spacing": "geometric"}),
-    "compact_chain": ("compact", {"branching": "cond_chain"}),
-    "chunk": ("chunk", {}),
-    "chunk_notail": ("chunk", {"tail_levels": 0}),
-    "chunk16": ("chunk", {"chunk": 16, "tail_levels": 1}),
-    "chunk64": ("chunk", {"chunk": 64, "tail_levels": 3}),
-    "chunk_binary": ("chunk", {"chunk": 128, "tail_levels": 4}),
+    "dense": dispatch.Dense(),
+    "batch_cond": dispatch.BatchCond(),
+    "per_example": dispatch.PerExample(),
+    "compact": dispatch.Compact(),
+    "compact_geo": dispatch.Compact(spacing="geometric"),
+    "compact_chain": dispatch.Compact(branching="cond_chain"),
+    "chunk": dispatch.Chunk(),
+    "chunk_notail": dispatch.Chunk(tail_levels=0),
+    "chunk16": dispatch.Chunk(chunk=16, tail_levels=1),
+    "chunk64": dispatch.Chunk(chunk=64, tail_levels=3),
+    "chunk_binary": dispatch.Chunk(chunk=128, tail_levels=4),
 }
 DEFAULT_VARIANTS = ("dense", "batch_cond", "per_example", "compact", "compact_chain",
                     "chunk_notail", "chunk")
@@ -107,18 +107,17 @@ def init_stack(key, blocks):
   return stages
 
 
-def forward(stages, x, masks, strategy, opts):
+def forward(stages, x, masks, strategy: dispatch.Strategy):
   """masks: per stage {'down': [B] or None, 'rest': [n, B]} bool."""
   for s, (st, m) in enumerate(zip(stages, masks)):
     if st["down"] is not None:
       fb = shortcut(x, WIDTHS[s], 2)
       x = dispatch.select_apply(lambda v, p=st["down"]: block(p, v, 2), x, m["down"], fb,
-                                strategy=strategy, **opts)
+                                strategy=strategy)
 
     def body(h, pm):
       p, run = pm
-      return dispatch.select_apply(lambda v: block(p, v), h, run, None, strategy=strategy,
-                                   **opts), None
+      return dispatch.select_apply(lambda v: block(p, v), h, run, None, strategy=strategy), None
 
     x, _ = lax.scan(body, x, (st["rest"], m["rest"]))
   return x
@@ -177,9 +176,7 @@ def run(args):
     x = jax.random.normal(jax.random.key(1), (batch, 32, 32, WIDTHS[0]))
     fns, compile_s = {}, {}
     for name in args.variants:
-      strategy, opts = VARIANTS[name]
-      f = jax.jit(lambda x, masks, strategy=strategy, opts=opts: forward(stages, x, masks,
-                                                                            strategy, opts))
+      f = jax.jit(lambda x, masks, strategy=VARIANTS[name]: forward(stages, x, masks, strategy))
       masks0, _ = make_masks(rng, batch, args.blocks, 0.5)
       t0 = time.perf_counter()
       fns[name] = f.lower(x, masks0).compile()

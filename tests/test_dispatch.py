@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax import lax
@@ -183,6 +185,126 @@ def test_auto_and_defaults():
   np.testing.assert_allclose(
       jax.jit(lambda x, r: dispatch.select_apply(res_block, x, r, strategy="auto"))(x, run),
       np.where(run[:, None, None, None], res_block(x), x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Strategy objects, the factory and configs.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_strategy_names_are_the_classes():
+  assert dispatch.STRATEGIES == ("auto", "dense", "batch_cond", "per_example", "compact", "chunk")
+  classes = (dispatch.Auto, dispatch.Dense, dispatch.BatchCond, dispatch.PerExample,
+             dispatch.Compact, dispatch.Chunk)
+  assert tuple(cls.name for cls in classes) == dispatch.STRATEGIES
+  for cls in classes:
+    s = cls()
+    assert isinstance(s, dispatch.Strategy)
+    assert hash(s) == hash(cls()) and s == cls()  # frozen: usable as a static (jit, Flax) field
+    assert dispatch.make_strategy(cls.name) == s
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    dispatch.Chunk().chunk = 4
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("dense", dispatch.Dense()),
+    (dict(name="chunk", chunk=64), dispatch.Chunk(chunk=64)),
+    (dict(name="compact", buckets=[4, 16], branching="cond_chain"),
+     dispatch.Compact(buckets=(4, 16), branching="cond_chain")),
+    # Options of another strategy are accepted and ignored; 'auto' hands each its own.
+    (dict(name="compact", chunk=4), dispatch.Compact()),
+    (dict(name="auto", chunk=4, spacing="geometric"),
+     dispatch.Auto(compact=dispatch.Compact(spacing="geometric"), chunk=dispatch.Chunk(chunk=4))),
+    (dispatch.Chunk(chunk=3), dispatch.Chunk(chunk=3)),
+])
+def test_make_strategy(spec, want):
+  assert dispatch.make_strategy(spec) == want
+  if isinstance(spec, dict):
+    assert dispatch.from_config(ml_collections.ConfigDict(spec)) == want
+    options = dict(spec)
+    name = options.pop("name")
+    assert dispatch.make_strategy(name, **options) == want
+
+
+def test_resolve_auto():
+  assert dispatch.resolve("auto", 256, "cpu") == dispatch.Chunk()
+  assert dispatch.resolve("auto", 1, "cpu") == dispatch.BatchCond()
+  assert dispatch.resolve("auto", 256, "gpu", buckets=4) == dispatch.Compact(buckets=4)
+  auto = dispatch.Auto(compact=dispatch.Compact(buckets=4), chunk=dispatch.Chunk(chunk=16))
+  assert auto.resolve(256, "cpu") == dispatch.Chunk(chunk=16)
+  assert auto.resolve(256, "tpu") == dispatch.Compact(buckets=4)
+  assert auto.resolve(8, "gpu") == dispatch.Dense()
+  assert dispatch.Chunk(chunk=16).resolve(256, "gpu") == dispatch.Chunk(chunk=16)
+  assert dispatch.resolve_strategy(auto, 8, "gpu") == "dense"
+  for b in (1, 256):
+    assert dispatch.resolve(dict(name="auto"), b).name == dispatch.default_strategy(
+        jax.default_backend(), b)
+  # A name resolves before its options are built: the options of the strategy not picked are
+  # never looked at (as with keywords before strategies were objects).
+  assert dispatch.resolve("auto", 256, "gpu", chunk=0) == dispatch.Compact()
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    (dict(name="sparse"), ValueError, "allowed: auto, dense, batch_cond, per_example, compact"),
+    (dict(chunk=4), ValueError, r"needs a 'name', one of \('auto', 'dense'"),
+    (dict(name="chunk", chunks=4), TypeError, r"unknown dispatch option\(s\) \['chunks'\]; known: "
+     r"\['branching', 'buckets', 'chunk', 'spacing', 'tail_levels'\]"),
+    (dict(name="chunk", chunk=0), ValueError, "chunk must be >= 1; got 0"),
+    (dict(name="chunk", chunk="8"), ValueError, "chunk must be an int >= 1 or None; got '8'"),
+    (dict(name="chunk", tail_levels=1.5), ValueError, "tail_levels must be an int; got 1.5"),
+    (dict(name="compact", buckets=0), ValueError, "buckets must be >= 1; got 0"),
+    (dict(name="compact", buckets=(4, 0)), ValueError, "buckets must be >= 1; got 0"),
+    (dict(name="compact", spacing="log"), ValueError, "spacing must be 'linear' or 'geometric'"),
+    (dict(name="compact", branching="if"), ValueError, "branching must be 'switch' or 'cond_chain'"),
+    (dict(name="auto", buckets=-1), ValueError, "buckets must be >= 1"),
+])
+def test_bad_specs_name_the_field_and_the_allowed_values(spec, error, match):
+  with pytest.raises(error, match=match):
+    dispatch.make_strategy(spec)
+  # From a config, every error is a ValueError that names the config field.
+  with pytest.raises(ValueError, match="^config.eval.dispatch: .*" + match):
+    dispatch.from_config(spec)
+
+
+def test_check_name_and_misuse():
+  assert dispatch.check_name("chunk") == "chunk"
+  with pytest.raises(ValueError, match=re.escape(
+      f"--strategy must be one of {dispatch.STRATEGIES}; got 'fast'.")):
+    dispatch.check_name("fast", "--strategy")
+  with pytest.raises(ValueError, match="strategy must be one of"):
+    dispatch.check_name(dispatch.Chunk())
+  with pytest.raises(TypeError, match="options go inside the strategy object"):
+    dispatch.make_strategy(dispatch.Chunk(), chunk=4)
+  with pytest.raises(TypeError, match="options go inside the mapping"):
+    dispatch.make_strategy(dict(name="chunk"), chunk=4)
+  with pytest.raises(ValueError, match="Auto.chunk must be a Chunk"):
+    dispatch.Auto(chunk=4)
+  x, run = _x(4), jnp.ones(4, bool)
+  with pytest.raises(TypeError, match="options go inside the strategy object"):
+    dispatch.select_apply(res_block, x, run, strategy=dispatch.Chunk(), chunk=4)
+
+
+@pytest.mark.parametrize("name, opts, obj", [
+    ("dense", {}, dispatch.Dense()),
+    ("per_example", {}, dispatch.PerExample()),
+    ("compact", dict(buckets=4, branching="cond_chain"),
+     dispatch.Compact(buckets=4, branching="cond_chain")),
+    ("chunk", dict(chunk=8, tail_levels=1), dispatch.Chunk(chunk=8, tail_levels=1)),
+])
+def test_objects_and_mappings_compile_to_what_names_do(name, opts, obj):
+  """A name with keywords, a mapping and an object are one strategy: the same compiled program."""
+  x = jax.ShapeDtypeStruct((16, 8, 8, C), jnp.float32)
+  run = jax.ShapeDtypeStruct((16,), jnp.bool_)
+  w = jax.ShapeDtypeStruct((16, 3), jnp.float32)
+
+  def hlo(**kw):
+    sel = jax.jit(lambda x, r: dispatch.select_apply(res_block, x, r, None, **kw))
+    mix = jax.jit(lambda x, w: dispatch.mix_branches(MIX_FNS, x, w, **kw))
+    return sel.lower(x, run).as_text(), mix.lower(x, w).as_text()
+
+  want = hlo(strategy=name, **opts)
+  assert hlo(strategy=obj) == want
+  assert hlo(strategy=dict(name=name, **opts)) == want
 
 
 # ------------------------------------------------------------------------------------------------
