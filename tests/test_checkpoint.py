@@ -413,8 +413,9 @@ def test_restore_onto_different_device_count(two_steps, tmp_path):
   # And with a sharding tree given separately (as the trainer does).
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rep_tree = jax.tree.map(lambda _: rep, abstract_of(2)["params"])
   items, _ = ckpt.restore(abstract=abstract_of(2), items=("params",),
-                          shardings={"params": jax.tree.map(lambda _: rep, abstract_of(2)["params"])})
+                          shardings={"params": rep_tree})
   assert items["params"]["dense"]["w"].sharding == rep
   assert_bitwise_equal(C.restore_for_eval(dst).params, make_state(2)[0])
 
