@@ -40,6 +40,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import os
 from typing import Any, Iterator, Protocol
 
@@ -396,28 +397,34 @@ def train_batch(ds: Dataset, seed: int, step: int, global_batch_size: int,
 
 
 def train_iterator(ds: Dataset, seed: int, start_step: int, global_batch_size: int,
-                   process_index: int = 0, process_count: int = 1,
-                   prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-  """Yields `train_batch` for steps start_step, start_step + 1, ... (forever).
+                   process_index: int = 0, process_count: int = 1, prefetch: int = 2,
+                   num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Yields `train_batch` for steps start_step, start_step + 1, ... (`num_steps` of them, or forever).
 
   With prefetch > 0 the next `prefetch` batches are assembled in a background thread (useful when
-  decoding on the host, e.g. imagenet2012). The batches are the same as without prefetching.
+  decoding on the host, e.g. imagenet2012). The batches are the same as without prefetching: each
+  is the pure function `train_batch` of its step. Closing the iterator (`contextlib.closing`, or
+  the end of the steps) cancels the batches not yet started and waits for the one in progress.
   """
   make = functools.partial(train_batch, ds, seed, global_batch_size=global_batch_size,
                            process_index=process_index, process_count=process_count)
-  step = int(start_step)
+  start = int(start_step)
+  steps = itertools.count(start) if num_steps is None else range(start, start + int(num_steps))
   if prefetch <= 0:
-    while True:
+    for step in steps:
       yield make(step=step)
-      step += 1
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    queue = collections.deque(pool.submit(make, step=step + i) for i in range(prefetch))
-    step += prefetch
-    while True:
-      batch = queue.popleft().result()
+    return
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-batches")
+  try:
+    queue = collections.deque()
+    for step in steps:
       queue.append(pool.submit(make, step=step))
-      step += 1
-      yield batch
+      if len(queue) > prefetch:
+        yield queue.popleft().result()
+    while queue:
+      yield queue.popleft().result()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def num_eval_batches(num_examples: int, batch_size: int) -> int:

@@ -15,6 +15,8 @@ Losses:
   * `router_logit_spread`: a z-loss-like penalty (ST-MoE) on the spread of the router logits, which
     keeps routers out of saturation (where no gradient reaches them).
   * `saturation_stats`: how many routing decisions are saturated (a metric, not a loss).
+  * `total_loss`: the training objective of a stage, every weighted term above that the stage's
+    config turns on, summed in one fixed order.
 
 Units: every cost is in MACs (multiply-accumulates of conv and dense layers, see `costs.CONVENTION`;
 FLOPs = 2 x MACs). The L2 norms in the CoDiNet losses use `safe_norm`, whose gradient is zero (not
@@ -23,11 +25,15 @@ NaN) where the vector is exactly zero, e.g. identical views or identical path ce
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+
+if TYPE_CHECKING:  # Only for annotations: the losses stay free of model code.
+  from dynroute_jax.models import base as models_base
 
 Array = jax.Array
 
@@ -259,3 +265,75 @@ def saturation_stats(choices_BxUxK: Array, level: float = 0.99) -> dict[str, Arr
   same = jnp.all(arg == arg[:1], axis=0)
   return {"router_saturation": jnp.mean(sat.astype(jnp.float32)),
           "routers_saturated": jnp.mean((jnp.all(sat, axis=0) & same).astype(jnp.float32))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The training objective.
+
+
+def total_loss(out: models_base.ModelOutput, labels_B: Array, stage_cfg: ml_collections.ConfigDict,
+               train_cfg: ml_collections.ConfigDict, *, num_views: int, tau: float | Array
+               ) -> tuple[Array, dict[str, Array]]:
+  """The stage's training loss: the sum of its weighted terms, and the terms themselves.
+
+  The terms, each present only when its weight is positive (and, for 'aux', when the model has an
+  auxiliary head), in the order they are summed: 'ce', 'aux', 'resource', 'consistency',
+  'diversity', 'cost', 'router_logit'. The order is part of the contract: a float sum in another
+  order is another number, and resumed runs are compared bit for bit.
+
+  Args:
+    out: the train=True model output for the B = images x views examples of the batch, views of
+      one image adjacent (the layout of `input_pipeline.make_views`, flattened).
+    labels_B: [B] integer labels, one per example.
+    stage_cfg: the stage's config (`config.train.stage1`, ...): the loss weights.
+    train_cfg: `config.train`: label smoothing, margins and the cost and path options.
+    num_views: M, the augmented views per image (the path losses group the examples by image).
+    tau: the router temperature of the step (for `router_logit_spread`).
+
+  Returns:
+    (scalar total, {term name: scalar weighted term}).
+  """
+  terms = {"ce": jnp.mean(cross_entropy(out.logits, labels_B, train_cfg.label_smoothing))}
+  if stage_cfg.aux_weight > 0 and out.aux_logits is not None:
+    terms["aux"] = stage_cfg.aux_weight * jnp.mean(
+        cross_entropy(out.aux_logits, labels_B, train_cfg.label_smoothing))
+  correct_B = correct_predictions(out.logits, labels_B)
+  if stage_cfg.resource_weight > 0:
+    cost_B = (out.expected_routed_macs if train_cfg.resource_cost == "branches"
+              else out.expected_macs)
+    terms["resource"] = resource_loss(cost_B, correct_B, stage_cfg.resource_weight)
+  terms.update(_path_terms(out, stage_cfg, train_cfg, num_views))
+  if stage_cfg.cost_weight > 0:
+    terms["cost"] = stage_cfg.cost_weight * _cost(out, correct_B, train_cfg)
+  if train_cfg.router_logit_weight > 0:
+    terms["router_logit"] = train_cfg.router_logit_weight * router_logit_spread(
+        out.router_choices(), tau)
+  # sum() keeps the historical association ((ce + aux) + resource) + ...; do not reorder.
+  return sum(terms.values()), terms
+
+
+def _path_terms(out: models_base.ModelOutput, stage_cfg: ml_collections.ConfigDict,
+                train_cfg: ml_collections.ConfigDict, num_views: int) -> dict[str, Array]:
+  """The weighted CoDiNet consistency and diversity terms over the images' routing paths."""
+  terms = {}
+  if stage_cfg.consistency_weight > 0 or stage_cfg.diversity_weight > 0:
+    path_BxD = out.router_probs if train_cfg.path_loss_input == "clean" else out.path
+    paths_NxMxD = path_BxD.reshape(-1, num_views, path_BxD.shape[-1])
+    if stage_cfg.consistency_weight > 0:
+      terms["consistency"] = stage_cfg.consistency_weight * consistency_loss(
+          paths_NxMxD, train_cfg.consistency_margin)
+    if stage_cfg.diversity_weight > 0:
+      terms["diversity"] = stage_cfg.diversity_weight * diversity_loss(
+          paths_NxMxD, train_cfg.diversity_margin)
+  return terms
+
+
+def _cost(out: models_base.ModelOutput, correct_B: Array,
+          train_cfg: ml_collections.ConfigDict) -> Array:
+  """The unweighted CoDiNet cost: Eq. 11 over the full model's MACs, or the count L1 option."""
+  gate_B = correct_B if train_cfg.cost_on_correct_only else None
+  if train_cfg.cost_type == "count_l1":
+    return count_cost_loss(out.weights, train_cfg.cost_target, gate_B)
+  full = full_model_macs(out.macs_table, out.macs_fixed)
+  weights_BxS = out.weights if gate_B is None else out.weights * gate_B[:, None]
+  return cost_loss(weights_BxS, out.macs_table, normalizer=full)

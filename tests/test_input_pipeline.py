@@ -1,5 +1,7 @@
 """Input pipeline: offline datasets, deterministic batching, process slices, augmentation."""
 
+import contextlib
+import threading
 import time
 
 import jax
@@ -147,6 +149,24 @@ def test_train_iterator_matches_train_batch():
   it = ip.train_iterator(ds, seed=2, start_step=5, global_batch_size=8, prefetch=2)
   for step in range(5, 9):
     np.testing.assert_array_equal(next(it)["label"], ip.train_batch(ds, 2, step, 8)["label"])
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_train_iterator_with_num_steps_stops_and_closes(prefetch):
+  ds = _toy()
+  batches = list(ip.train_iterator(ds, seed=2, start_step=3, global_batch_size=8,
+                                   prefetch=prefetch, num_steps=4))
+  assert len(batches) == 4
+  for step, batch in zip(range(3, 7), batches):
+    expected = ip.train_batch(ds, 2, step, 8)
+    np.testing.assert_array_equal(batch["image"], expected["image"])
+    np.testing.assert_array_equal(batch["label"], expected["label"])
+  # Closed early (a stop signal, an error), the background thread ends with the iterator.
+  before = {t.name for t in threading.enumerate()}
+  it = ip.train_iterator(ds, seed=2, start_step=0, global_batch_size=8, prefetch=prefetch)
+  with contextlib.closing(it):
+    next(it)
+  assert not {t.name for t in threading.enumerate()} - before
 
 
 def test_split_calibration(digits_train):

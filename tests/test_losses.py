@@ -8,7 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
+import ml_collections
+
+from dynroute_jax import config_lib
 from dynroute_jax import losses
+from dynroute_jax.models import base as models_base
 
 
 def _np_norm(v):
@@ -183,6 +187,77 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
     x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
     np.testing.assert_allclose(losses.safe_norm(x), [5.0, 0.0])
     np.testing.assert_array_equal(jax.grad(lambda v: losses.safe_norm(v).sum())(x)[1], 0.0)
+
+
+def _output(num_images=4, num_views=2, num_classes=5, num_units=3, seed=0, aux=True):
+  """A CoDiNet-like ModelOutput (run/skip routing over `num_units` blocks) with random values."""
+  rng = np.random.default_rng(seed)
+  b = num_images * num_views
+  v_BxS = jnp.asarray(rng.uniform(0.05, 0.95, (b, num_units)), jnp.float32)
+  return models_base.ModelOutput(
+      logits=jnp.asarray(rng.normal(size=(b, num_classes)), jnp.float32),
+      aux_logits=jnp.asarray(rng.normal(size=(b, num_classes)), jnp.float32) if aux else None,
+      weights=v_BxS, executed=jnp.ones_like(v_BxS), path=v_BxS * 0.9,
+      macs_table=jnp.asarray([100.0, 200.0, 300.0]), params_table=jnp.ones((num_units,)),
+      macs_fixed=jnp.asarray(50.0), params_fixed=jnp.asarray(1.0), site_shape=(num_units,),
+      router_probs=v_BxS)
+
+
+def _configs(**train_overrides):
+  train_cfg = ml_collections.ConfigDict(dict(
+      label_smoothing=0.1, resource_cost="branches", path_loss_input="noisy",
+      consistency_margin=0.05, diversity_margin=0.5, cost_on_correct_only=False, cost_type="macs",
+      cost_target=0.5, router_logit_weight=0.02))
+  train_cfg.update(train_overrides)
+  stage_cfg = config_lib.stage_config(aux_weight=0.4, resource_weight=0.1, consistency_weight=0.2,
+                                      diversity_weight=0.3, cost_weight=0.1)
+  return stage_cfg, train_cfg
+
+
+class TotalLossTest(absltest.TestCase):
+
+  def test_terms_in_order_and_summed_in_that_order(self):
+    out, labels_B = _output(), jnp.asarray([0, 0, 1, 1, 2, 2, 3, 3])
+    stage_cfg, train_cfg = _configs()
+    total, terms = losses.total_loss(out, labels_B, stage_cfg, train_cfg, num_views=2, tau=1.5)
+    self.assertEqual(list(terms), ["ce", "aux", "resource", "consistency", "diversity", "cost",
+                                   "router_logit"])
+    # Each term by hand from the individual losses.
+    paths = out.path.reshape(4, 2, 3)
+    correct = losses.correct_predictions(out.logits, labels_B)
+    expected = {
+        "ce": jnp.mean(losses.cross_entropy(out.logits, labels_B, 0.1)),
+        "aux": 0.4 * jnp.mean(losses.cross_entropy(out.aux_logits, labels_B, 0.1)),
+        "resource": losses.resource_loss(out.expected_routed_macs, correct, 0.1),
+        "consistency": 0.2 * losses.consistency_loss(paths, 0.05),
+        "diversity": 0.3 * losses.diversity_loss(paths, 0.5),
+        "cost": 0.1 * losses.cost_loss(out.weights, out.macs_table,
+                                       normalizer=losses.full_model_macs(out.macs_table, 50.0)),
+        "router_logit": 0.02 * losses.router_logit_spread(out.router_choices(), 1.5),
+    }
+    for k, v in expected.items():
+      np.testing.assert_allclose(terms[k], v, rtol=1e-6, err_msg=k)
+    # The total is the left-to-right float32 sum of the terms, exactly.
+    acc = np.float32(0.0)
+    for k in expected:
+      acc = np.float32(acc + np.float32(terms[k]))
+    self.assertEqual(np.float32(total), acc)
+
+  def test_terms_follow_the_weights_and_options(self):
+    out, labels_B = _output(aux=False), jnp.asarray([0, 0, 1, 1, 2, 2, 3, 3])
+    stage_cfg, train_cfg = _configs(router_logit_weight=0.0, cost_type="count_l1",
+                                    cost_on_correct_only=True, path_loss_input="clean")
+    stage_cfg.consistency_weight = 0.0
+    stage_cfg.resource_weight = 0.0
+    total, terms = losses.total_loss(out, labels_B, stage_cfg, train_cfg, num_views=2, tau=1.0)
+    self.assertEqual(list(terms), ["ce", "diversity", "cost"])  # No aux head: no aux term.
+    gate = losses.correct_predictions(out.logits, labels_B)
+    np.testing.assert_allclose(terms["cost"], 0.1 * losses.count_cost_loss(out.weights, 0.5, gate),
+                               rtol=1e-6)
+    np.testing.assert_allclose(
+        terms["diversity"], 0.3 * losses.diversity_loss(out.router_probs.reshape(4, 2, 3), 0.5),
+        rtol=1e-6)
+    self.assertEqual(float(total), float(terms["ce"] + terms["diversity"] + terms["cost"]))
 
 
 if __name__ == "__main__":

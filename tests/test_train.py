@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,7 @@ from dynroute_jax import input_pipeline
 from dynroute_jax import sharding
 from dynroute_jax import train
 from dynroute_jax import models
+from dynroute_jax.models import base as models_base
 
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -55,7 +57,7 @@ def _assert_bitwise_equal(a, b, what):
 
 
 def _is_router(path):
-  return train.ROUTER_REGEX in path
+  return re.search(models_base.ROUTER_PARAM_PATTERN, path) is not None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def _direct(config, stage_index, num_train):
   _, _, init = train.create_state(config, model, mesh, stage, shape,
                                   sharding.RULES[config.mesh.param_sharding])
   state = init()
-  tx = train.make_optimizer(config, stage, state.params)
+  tx = train.make_optimizer(config, stage, router_pattern=model.router_param_pattern)
   step = jax.jit(train.make_train_step(config, model, stage, tx), donate_argnums=(0,))
   return stage, state, step
 

@@ -1,0 +1,118 @@
+"""The work directory's checks before training: writable, locked, of this model, resumable.
+
+Each check refuses the run before anything in the work directory changes (a refused resume leaves
+it as it was); `save_config` is the first write. Any filesystem etils.epath supports works (local,
+gs://, ...), through the same calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+import uuid
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+
+from dynroute_jax import checkpoint as ckpt_lib
+from dynroute_jax import distributed
+from dynroute_jax import workdir_lock
+
+
+def prepare_workdir(workdir: str | os.PathLike[str]) -> None:
+  """Creates the work directory and checks that a file can be written there, before any compile."""
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{uuid.uuid4().hex}"
+    probe.write_text("")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    # Remote backends raise their own error types (e.g. tf.errors.OpError); report them alike.
+    raise OSError(getattr(e, "errno", None), f"Cannot write to work directory {workdir} "
+                  f"({getattr(e, 'strerror', None) or e}). Choose another --workdir or fix its "
+                  "permissions; nothing was written.") from e
+
+
+def lock_workdir(workdir: str | os.PathLike[str], cleanup: contextlib.ExitStack) -> None:
+  """Takes the work directory's lock (process 0) until `cleanup` unwinds; every process agrees.
+
+  Raises workdir_lock.WorkdirLockedError on every process when process 0 could not take it, so
+  the others do not wait forever in the first collective.
+  """
+  if "://" in os.fspath(workdir):  # An object store (gs://...) has no atomic exclusive create.
+    logging.warning("Work directory %s is not on a local file system: it is not locked against a "
+                    "second training.", workdir)
+    return
+  lock = workdir_lock.WorkdirLock(os.fspath(workdir), enabled=jax.process_index() == 0)
+  error = None
+  try:
+    lock.acquire()
+  except workdir_lock.WorkdirLockedError as e:
+    error = e
+  # One process decides alone (no collective, so the step loop's agreement calls stay per step).
+  failed = (distributed.any_process(error is not None) if jax.process_count() > 1
+            else error is not None)
+  if failed:
+    raise error or workdir_lock.WorkdirLockedError(
+        f"Process 0 could not lock work directory {workdir}: another training uses it (process "
+        "0's error names it).")
+  cleanup.callback(lock.release)
+
+
+def check_config_json(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
+                      ) -> dict[str, Any]:
+  """Raises if workdir/config.json belongs to another model; returns the config as JSON data."""
+  path = epath.Path(workdir) / "config.json"
+  new = json.loads(config.to_json_best_effort())
+  if path.exists():
+    try:
+      old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      old = None
+    if isinstance(old, dict) and old.get("model") != new.get("model"):
+      raise ValueError(
+          f"Workdir {workdir} holds a run of another model (config.json model section differs: "
+          f"{old.get('model', {}).get('name')}/{old.get('model', {}).get('variant')} there, "
+          f"{new['model'].get('name')}/{new['model'].get('variant')} now). Use a new --workdir; "
+          "nothing was changed.")
+  return new
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> None:
+  """Writes the resolved config; a workdir holding another model's config is refused untouched."""
+  path = epath.Path(workdir) / "config.json"
+  new = check_config_json(config, workdir)
+  if jax.process_index() == 0:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
+    tmp.replace(path)  # Atomic on local filesystems; a copy and delete on object stores.
+
+
+def resume_step(ckpt: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict) -> int | None:
+  """The step to resume from: the newest that verifies; None to start from step 0.
+
+  Checkpoints that exist but of which none verifies are never silently ignored (that would train
+  from nothing and report it as the run): NoGoodCheckpointError names every damaged step, unless
+  config.checkpoint.restart_if_damaged is set.
+  """
+  step = ckpt.latest_good_step()
+  if step is not None or not ckpt.all_steps():
+    return step
+  damaged = ckpt.damage_report()
+  listing = "; ".join(f"step {s}: {ckpt_lib._summarise(p)}"  # pylint: disable=protected-access
+                      for s, p in sorted(damaged.items(), reverse=True))
+  if not config.checkpoint.restart_if_damaged:
+    raise ckpt_lib.NoGoodCheckpointError(
+        f"Cannot resume: no checkpoint in {ckpt.directory} verifies ({listing}). Nothing was "
+        "changed. Restore the checkpoints from a copy, use another --workdir, or start over "
+        "from step 0 with --config.checkpoint.restart_if_damaged=True (the damaged steps are "
+        "then moved to the quarantine/ folder when their step numbers are saved again).",
+        damaged)
+  logging.warning("No checkpoint in %s verifies (%s); config.checkpoint.restart_if_damaged is "
+                  "set, so training starts from step 0.", ckpt.directory, listing)
+  return None
