@@ -24,16 +24,16 @@ older step's. The report records where it went as `report_file`.
 
 Eval temperature: the router temperature of the checkpoint's step, recomputed from the config's
 schedule of the stage the checkpoint belongs to (for a finished run: the temperature training ended
-with, as the end-of-training evaluation uses). Recorded as `eval_tau`.
+with, as the end-of-training evaluation uses). Recorded as `eval_tau`. The restoration is
+`inference.restore_run`, the one `dynroute_jax.restore` does.
 
-Calibration split: `train.training_splits(config)`, the share config.data.calibration_fraction of
+Calibration split: `schedules.training_splits(config)`, the share config.data.calibration_fraction of
 the train split that training holds out (a pure function of the config and seed), so budget mode
 picks its threshold on images the model has never seen.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, Sequence
@@ -47,33 +47,17 @@ import ml_collections
 import numpy as np
 
 from dynroute_jax import checkpoint as ckpt_lib
+from dynroute_jax import config_lib
+from dynroute_jax import dispatch
 from dynroute_jax import evaluation
+from dynroute_jax import inference
+from dynroute_jax import input_pipeline
 
-STRATEGIES = ("auto", "dense", "batch_cond", "per_example", "compact", "chunk")
-
-
-class EvaluationSetupError(ValueError):
-  """The work directory, step or arguments cannot be evaluated (the message says why)."""
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run saved as WORKDIR/config.json."""
-  if not workdir:
-    raise EvaluationSetupError("--workdir is empty: pass the run directory training wrote.")
-  if not epath.Path(workdir).is_dir():
-    raise EvaluationSetupError(f"Work directory {workdir} does not exist.")
-  path = epath.Path(workdir) / "config.json"
-  if not path.is_file():
-    raise EvaluationSetupError(
-        f"{path} not found: {workdir} is not a training work directory (training writes "
-        "config.json and checkpoints/ there).")
-  try:
-    raw = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise EvaluationSetupError(f"{path} is not readable JSON: {e}") from e
-  if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or "name" not in raw["model"]:
-    raise EvaluationSetupError(f"{path} has no model section (model.name): not a run config.")
-  return ml_collections.ConfigDict(raw)
+# The restoration's names, as callers of this module know them.
+EvaluationSetupError = inference.EvaluationSetupError
+load_config = inference.load_config
+eval_temperature = inference.eval_temperature
+STRATEGIES = dispatch.STRATEGIES
 
 
 def parse_thresholds(text: str | Sequence[float] | None) -> list[float] | None:
@@ -86,21 +70,9 @@ def parse_thresholds(text: str | Sequence[float] | None) -> list[float] | None:
     if isinstance(item, str) and not item.strip():
       raise ValueError(f"--thresholds has an empty entry: {text!r}; write numbers in (0, 1] "
                        "separated by commas, e.g. 0.5,0.8,1.0.")
-    out.append(evaluation.check_threshold(item.strip() if isinstance(item, str) else item,
+    out.append(config_lib.check_threshold(item.strip() if isinstance(item, str) else item,
                                           "--thresholds entry"))
   return out
-
-
-def eval_temperature(config: ml_collections.ConfigDict, step: int, stage_index: int | None,
-                     num_train_examples: int) -> tuple[float, int]:
-  """The router temperature at `step` of the stage the checkpoint belongs to; returns (tau, stage)."""
-  from dynroute_jax import train  # pylint: disable=g-import-not-at-top
-  stages = train.plan_stages(config, num_train_examples)
-  if stage_index is None or not 1 <= int(stage_index) <= len(stages):
-    # The stage whose range (start, end] holds the step; the last one past the end.
-    stage_index = next((s.index for s in stages if s.start < step <= s.end), stages[-1].index)
-  stage = stages[int(stage_index) - 1]
-  return train.final_tau(stage, step), stage.index
 
 
 def _eval_mesh():
@@ -109,28 +81,72 @@ def _eval_mesh():
   return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
 
 
-def _check_params_match(model, config, params, batch_stats, step: int, workdir: str) -> None:
-  """Raises FingerprintMismatchError if the restored trees do not fit the model's."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  dc = config.data
-  x = jax.ShapeDtypeStruct((1, dc.image_size, dc.image_size, dc.num_channels), jnp.float32)
-  key = jax.random.key(0)
-  abstract = jax.eval_shape(lambda x: model.init({"params": key, "routing": key, "dropout": key},
-                                                 x, train=False), x)
-  problems = []
-  for name, got in (("params", params), ("batch_stats", batch_stats)):
-    want = abstract.get(name, {})
-    w = {jax.tree_util.keystr(p): tuple(l.shape) for p, l in jax.tree_util.tree_leaves_with_path(want)}
-    g = {jax.tree_util.keystr(p): tuple(np.shape(l))
-         for p, l in jax.tree_util.tree_leaves_with_path(got or {})}
-    for k in sorted(set(w) | set(g)):
-      if w.get(k) != g.get(k):
-        problems.append(f"{name}{k}: model {w.get(k, 'absent')}, checkpoint {g.get(k, 'absent')}")
-  if problems:
-    raise ckpt_lib.FingerprintMismatchError(
-        f"checkpoint step {step} in {workdir} does not fit the model of {workdir}/config.json "
-        f"({config.model.name}/{config.model.get('variant', '')}): {len(problems)} parameter(s) "
-        f"differ, e.g. {'; '.join(problems[:4])}.")
+def _check_arguments(step: int | None, strategy: str, target_macs: Any,
+                     noise_stds: Sequence[float]) -> float | None:
+  """Raises a ValueError for a bad argument; returns target_macs as a float (or None)."""
+  if target_macs is not None:
+    target_macs = evaluation.check_target_macs(target_macs)
+  if strategy not in STRATEGIES:
+    raise ValueError(f"--strategy must be one of {STRATEGIES}; got {strategy!r}.")
+  if step is not None and (not isinstance(step, (int, np.integer)) or step < 0):
+    raise ValueError(f"--step must be a checkpoint step (an int >= 0); got {step!r}.")
+  for s in noise_stds:
+    if not (np.isfinite(s) and s >= 0):
+      raise ValueError(f"noise standard deviations must be finite and >= 0; got {s!r}.")
+  return target_macs
+
+
+def _newest_step(workdir: str) -> int | None:
+  """The newest step directory (orbax's temporary ones have a suffix); damaged ones count."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if "://" in os.fspath(ckpt_dir) or not os.path.isdir(ckpt_dir):
+    return None  # No checkpoints: `inference.restore_run` says so.
+  return max((int(name) for name in os.listdir(ckpt_dir) if name.isdigit()), default=None)
+
+
+def _budget_request(config, target_macs: float | None,
+                    held_out) -> evaluation.BudgetRequest | None:
+  if target_macs is None:
+    return None
+  if held_out is None or len(held_out) == 0:
+    raise EvaluationSetupError(
+        f"config.data.calibration_fraction={config.data.calibration_fraction} leaves no "
+        "calibration examples for --target_macs.")
+  # The trainer trains on the rest of the train split; see the module docstring.
+  return evaluation.BudgetRequest(
+      target_macs, held_out,
+      info={"calibration_fraction": float(config.data.calibration_fraction),
+            "calibration_held_out_from_training": True})
+
+
+def _output_root(workdir: str, newest: int | None, ckpt_step: int,
+                 step: int | None) -> tuple[str, str | None]:
+  """(where evaluation writes eval/, the step's own directory or None for WORKDIR/eval).
+
+  Any step but the newest is reported in eval/step_<N>/, written under a temporary root first.
+  """
+  if newest is None or ckpt_step == newest:
+    return workdir, None
+  out_root = os.path.join(workdir, f".eval_step_{ckpt_step}.tmp")
+  target = os.path.join(workdir, "eval", f"step_{ckpt_step}")
+  why = (f"--step={ckpt_step} was asked for" if step is not None else
+         f"the newest step {newest} does not verify (see the warning above)")
+  logging.warning("Evaluating checkpoint step %d, not the newest checkpoint step %d (%s): the "
+                  "report and figures go to %s; %s is left as it is.", ckpt_step, newest, why,
+                  target, os.path.join(workdir, "eval", "report.json"))
+  if jax.process_index() == 0 and epath.Path(out_root).exists():
+    epath.Path(out_root).rmtree()  # Left by an evaluation that was interrupted.
+  return out_root, target
+
+
+def _move_into_place(out_root: str, target: str) -> None:
+  """Evaluation wrote <out_root>/eval/: it becomes `target`."""
+  final = epath.Path(target)
+  if final.exists():
+    final.rmtree()
+  final.parent.mkdir(parents=True, exist_ok=True)
+  (epath.Path(out_root) / "eval").rename(final)
+  epath.Path(out_root).rmtree()
 
 
 def evaluate_workdir(workdir: str, *, step: int | None = None,
@@ -151,91 +167,33 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
   """
   # Every argument is checked before anything is loaded or compiled.
   ts = parse_thresholds(thresholds)
-  if target_macs is not None:
-    target_macs = evaluation.check_target_macs(target_macs)
-  if strategy not in STRATEGIES:
-    raise ValueError(f"--strategy must be one of {STRATEGIES}; got {strategy!r}.")
-  if step is not None and (not isinstance(step, (int, np.integer)) or step < 0):
-    raise ValueError(f"--step must be a checkpoint step (an int >= 0); got {step!r}.")
-  for s in noise_stds:
-    if not (np.isfinite(s) and s >= 0):
-      raise ValueError(f"noise standard deviations must be finite and >= 0; got {s!r}.")
-  config = load_config(workdir)
+  target_macs = _check_arguments(step, strategy, target_macs, noise_stds)
+  meshes = []
 
-  from dynroute_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from dynroute_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from dynroute_jax import train  # pylint: disable=g-import-not-at-top
-  from dynroute_jax import models  # pylint: disable=g-import-not-at-top
+  def replicated():  # Made once the work directory is known to hold checkpoints.
+    meshes.append(_eval_mesh())
+    return jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
 
-  config_lib.validate(config)
-  model = models.build_model(config.model)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not epath.Path(ckpt_dir).is_dir() or not any(epath.Path(ckpt_dir).iterdir()):
-    raise ckpt_lib.CheckpointNotFoundError(
-        f"{workdir} holds no checkpoints ({ckpt_dir} is missing or empty): train first, or pass the "
-        "work directory of a finished run.")
-  mesh = _eval_mesh()
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  # Step directories only (orbax's temporary ones have a suffix); damaged ones count as newest.
-  newest = max((int(name) for name in os.listdir(ckpt_dir) if name.isdigit()), default=None) if (
-      "://" not in os.fspath(ckpt_dir)) else None
-  restored = ckpt_lib.restore_for_eval(ckpt_dir, step, sharding=replicated)
-  meta = restored.meta
-  ckpt_step = int(meta.get("step", step if step is not None else -1))
-  expected = train.model_fingerprint(config)
-  recorded = meta.get("fingerprint")
-  if recorded is not None and recorded != expected:
-    raise ckpt_lib.FingerprintMismatchError(
-        f"checkpoint step {ckpt_step} in {ckpt_dir} was saved by another model: recorded fingerprint "
-        f"{recorded} (model {meta.get('model')}/{meta.get('variant')}), config.json's model "
-        f"{config.model.name}/{config.model.get('variant', '')} has fingerprint {expected}.")
-  _check_params_match(model, config, restored.params, restored.batch_stats, ckpt_step, workdir)
-
-  train_ds, held_out = train.training_splits(config)
+  newest = _newest_step(workdir)  # Before restoring: a damaged newest step still counts.
+  run = inference.restore_run(workdir, step, sharding_fn=replicated)
+  config, mesh = run.config, meshes[0]
   test_ds = input_pipeline.load_dataset(config.data, config.data.eval_split)
-  tau, stage = eval_temperature(config, ckpt_step, meta.get("stage"), len(train_ds))
-  calibration_ds = None
-  if target_macs is not None:
-    calibration_ds = held_out
-    if calibration_ds is None or len(calibration_ds) == 0:
-      raise EvaluationSetupError(
-          f"config.data.calibration_fraction={config.data.calibration_fraction} leaves no "
-          "calibration examples for --target_macs.")
+  budget = _budget_request(config, target_macs, run.calibration_ds)
   local = "://" not in os.fspath(workdir)
-  extra = {"checkpoint": {"step": ckpt_step, "stage": stage, "fingerprint": recorded,
+  extra = {"checkpoint": {"step": run.step, "stage": run.stage, "fingerprint": run.fingerprint,
                           "workdir": os.path.abspath(workdir) if local else os.fspath(workdir)},
-           "eval_tau_source": f"stage {stage} temperature schedule at step {ckpt_step}",
+           "eval_tau_source": f"stage {run.stage} temperature schedule at step {run.step}",
            "num_devices": int(mesh.devices.size)}
-  out_root, own_dir = workdir, newest is not None and ckpt_step != newest
-  if own_dir:
-    out_root = os.path.join(workdir, f".eval_step_{ckpt_step}.tmp")
-    target = os.path.join(workdir, "eval", f"step_{ckpt_step}")
-    why = (f"--step={ckpt_step} was asked for" if step is not None else
-           f"the newest step {newest} does not verify (see the warning above)")
-    logging.warning("Evaluating checkpoint step %d, not the newest checkpoint step %d (%s): the "
-                    "report and figures go to %s; %s is left as it is.", ckpt_step, newest, why,
-                    target, os.path.join(workdir, "eval", "report.json"))
-    if jax.process_index() == 0 and epath.Path(out_root).exists():
-      epath.Path(out_root).rmtree()  # Left by an evaluation that was interrupted.
+  out_root, target = _output_root(workdir, newest, run.step, step)
   extra["report_file"] = os.path.join(
-      workdir, "eval", *([f"step_{ckpt_step}"] if own_dir else []), "report.json")
-  report = evaluation.evaluate_and_report(
-      config, model, {"params": restored.params, "batch_stats": restored.batch_stats}, test_ds,
-      mesh, out_root, tau=tau, step=ckpt_step, thresholds=ts, strategy=strategy,
-      calibration_ds=calibration_ds, target_macs=target_macs,
-      instance_awareness=instance_awareness, noise_stds=tuple(noise_stds), plots=plots,
-      tsne_max_points=tsne_max_points, extra=extra,
-      # The trainer trains on the whole train split; see the module docstring.
-      calibration_info={"calibration_fraction": float(config.data.calibration_fraction),
-                        "calibration_held_out_from_training": True})
-  if own_dir and jax.process_index() == 0:
-    # Written under a temporary root (evaluation writes <root>/eval/), then moved into place.
-    final = epath.Path(target)
-    if final.exists():
-      final.rmtree()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    (epath.Path(out_root) / "eval").rename(final)
-    epath.Path(out_root).rmtree()
+      workdir, "eval", *([f"step_{run.step}"] if target else []), "report.json")
+  options = evaluation.ReportOptions(
+      thresholds=ts, strategy=strategy, budget=budget, instance_awareness=instance_awareness,
+      noise_stds=tuple(noise_stds), plots=plots, tsne_max_points=tsne_max_points, extra=extra)
+  report = evaluation.evaluate_and_report(config, run.model, run.variables, test_ds, mesh,
+                                          out_root, tau=run.tau, step=run.step, options=options)
+  if target and jax.process_index() == 0:
+    _move_into_place(out_root, target)
   return report
 
 

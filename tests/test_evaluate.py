@@ -23,6 +23,7 @@ from dynroute_jax import evaluate
 from dynroute_jax import evaluation
 from dynroute_jax import input_pipeline
 from dynroute_jax import plots
+from dynroute_jax import schedules
 from dynroute_jax import train
 from dynroute_jax import models
 
@@ -99,6 +100,7 @@ def test_report_keys_and_files(run):
   for k in REQUIRED_KEYS:
     assert k in report, k
   assert set(report["thresholds"]) == {"0.3", "0.5", "0.8", "1"}
+  assert report["site_shape"] == [3, 8, 5] and report["branch_names"] == list(models.drnet.BRANCHES)
   for s in report["thresholds"].values():
     for k in PER_THRESHOLD_KEYS:
       assert k in s, k
@@ -157,9 +159,9 @@ def test_accuracy_all_matches_a_direct_computation(run):
 def test_eval_tau_follows_the_stage_schedule(run):
   assert run["report"]["eval_tau"] == pytest.approx(1.0)  # stage 2 starts at tau_init = 1.
   cfg = digits.get_config("drnet")
-  train_ds, _ = train.training_splits(cfg)
+  train_ds, _ = schedules.training_splits(cfg)
   n = len(train_ds)
-  s1, s2 = train.plan_stages(cfg, n)
+  s1, s2 = schedules.plan_stages(cfg, n)
   spe, decay = s2.steps_per_epoch, cfg.train.stage2.tau_decay_per_epoch
   # The temperature of the last step that ran: step start + 5 epochs - 1 lies in epoch 4.
   tau, stage = evaluate.eval_temperature(cfg, s2.start + 5 * spe, 2, n)
@@ -324,13 +326,25 @@ def test_infeasible_budget_is_said_in_the_table():
 
 
 def test_selection_ratios_and_codinet_plot(tmp_path):
-  ex = np.zeros((4, 2 * 3 * 5), bool)
+  # The models lay out the selection ratios of a pass (`evaluation.summarize` asks them).
+  drnet = models.build_model(small_config("drnet").model)
+  site_shape = drnet.routing_site_shape((8, 8))
+  assert site_shape == (3, 8, 5)
+  ex = np.zeros((4, int(np.prod(site_shape))), bool)
   ex[:2, 0] = True
-  r = evaluation.selection_ratios(ex, (2, 3, 5))
-  assert np.asarray(r["branch_selection"]).shape == (2, 3, 5)
+  r = drnet.selection_ratios(ex)
+  assert np.asarray(r["branch_selection"]).shape == site_shape
   assert r["branch_selection"][0][0][0] == 0.5
-  r = evaluation.selection_ratios(np.array([[1, 0, 1], [1, 1, 0]], bool), (3,))
-  assert r["run_ratio_per_block"] == [1.0, 0.5, 0.5]
+  codinet = models.build_model(small_config("codinet").model)
+  num_blocks = codinet.routing_site_shape((8, 8))[0]
+  ex = np.zeros((2, num_blocks), bool)
+  ex[:, 0], ex[0, 2], ex[1, 1] = True, True, True
+  r = codinet.selection_ratios(ex)
+  assert r["run_ratio_per_block"][:3] == [1.0, 0.5, 0.5] and len(r["run_ratio_per_block"]) == num_blocks
+  summary = evaluation.summarize(dict(prediction=np.zeros(2), label=np.zeros(2), macs=np.ones(2),
+                                      params=np.ones(2), executed=ex), 2.0, codinet)
+  assert summary["run_ratio_per_block"] == r["run_ratio_per_block"]
+  r = {"run_ratio_per_block": [1.0, 0.5, 0.5], "run_ratio": 2 / 3}
   report = {"threshold": 0.5, "thresholds": {"0.5": r}}
   path = plots.selection(report, str(tmp_path / "sel.png"))
   assert os.path.getsize(path) > 1000

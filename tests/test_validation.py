@@ -557,6 +557,51 @@ def test_all_configs_validate():
     config_lib.validate(module.get_config())
 
 
+def test_unknown_fields_are_refused_by_the_lock():
+  """check_known_fields writes a config into a locked base_config: ml_collections refuses a new key."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = digits_config()
+  config_lib.check_known_fields(config)  # The shipped config has only known fields.
+  config.train.stage2 = ml_collections.ConfigDict(dict(config.train.stage2.to_dict(), tau_flor=1.0))
+  with pytest.raises(ValueError, match=r"Unknown config field config\.train\.stage2\.tau_flor\. "
+                     r"Did you mean config\.train\.stage2\.tau_floor\?"):
+    config_lib.validate(config)
+  # Values are not type-checked by the lock (the schema does it, naming the field).
+  config = digits_config()
+  config.checkpoint.keep = None
+  config_lib.check_known_fields(config)
+  with config.ignore_type():
+    config.seed = ml_collections.ConfigDict(dict(a=1))
+  with pytest.raises(ValueError, match=r"config\.seed must be an int"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("value,kwargs,message", [
+    (1.5, {}, r"^threshold must lie in \(0, 1\] \(the routing threshold\); got 1\.5\.$"),
+    ("abc", {"source": "--thresholds entry"},
+     r"^--thresholds entry must be a number in \(0, 1\]; got 'abc'\.$"),
+    (float("nan"), {}, r"must lie in \(0, 1\] .*; got nan"),
+    (0.0, {"source": "config.eval.threshold(s)", "field": True},
+     r"^config\.eval\.threshold\(s\) must lie in \(0, 1\]; got 0\.0\.$"),
+    ("0.8", {"source": "config.eval.threshold(s)", "field": True},
+     r"^config\.eval\.threshold\(s\) must lie in \(0, 1\]; got '0\.8'\.$"),
+    (np.array([0.5, 1.5]), {}, r"every entry of an array too; got 1\.5 in an array of shape \(2,\)"),
+])
+def test_one_threshold_validator(value, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.check_threshold(value, **kwargs)
+
+
+def test_one_threshold_validator_accepts_the_range():
+  assert config_lib.check_threshold("0.5") == 0.5 and config_lib.check_threshold(1) == 1.0
+  assert config_lib.check_threshold(1e-6, field=True) == 1e-6
+  values = np.array([0.1, 1.0])
+  assert config_lib.check_threshold(values) is values
+  from dynroute_jax import evaluate  # pylint: disable=g-import-not-at-top
+  assert evaluate.parse_thresholds("0.5, 1") == [0.5, 1.0]
+  assert evaluation.check_threshold is config_lib.check_threshold
+
+
 def _config_leaves(node, prefix=""):
   for key, value in node.items():
     path = f"{prefix}{key}"
