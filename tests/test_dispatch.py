@@ -1,4 +1,8 @@
-"""Tests of dynroute_jax.dispatch: every strategy equals 'dense', and skipped work is not computed."""
+"""Tests of dynroute_jax.dispatch: every strategy equals 'dense', and skipped work is not computed.
+
+Also the strategy objects, the factory and config specs. One module (over 400 lines) because the
+three parts share the test blocks, masks and the HLO and row-recording helpers.
+"""
 
 from __future__ import annotations
 
