@@ -29,7 +29,6 @@ class Stage:
     return self.start + self.num_steps
 
 
-
 def plan_stages(config: ml_collections.ConfigDict, num_train_examples: int) -> list[Stage]:
   """Turns the config's epoch/step lengths into global step ranges."""
   gbs = config.train.global_batch_size
@@ -81,6 +80,12 @@ def lr_schedule(stage: Stage) -> optax.Schedule:
 
 
 def tau_schedule(stage: Stage) -> routing.Schedule:
+  """The stage's router temperature as a function of the global step (decayed once per epoch).
+
+  Not `optax.exponential_decay(..., staircase=True)`: that computes init * exp(-r) ** epoch, which
+  in float32 differs from init * exp(-r * epoch) (by up to ~1e-5 relative over 1000 epochs), and
+  the temperatures of earlier runs and checkpoints must be reproduced exactly.
+  """
   cfg = stage.cfg
   return routing.exponential_decay_schedule(cfg.tau_init, cfg.tau_decay_per_epoch, cfg.tau_floor,
                                             stage.steps_per_epoch, start_step=stage.start)

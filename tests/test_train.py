@@ -23,6 +23,7 @@ from dynroute_jax import checkpoint as ckpt_lib
 from dynroute_jax import config_lib
 from dynroute_jax import distributed
 from dynroute_jax import evaluation
+from dynroute_jax import hooks
 from dynroute_jax import input_pipeline
 from dynroute_jax import sharding
 from dynroute_jax import train
@@ -202,6 +203,59 @@ def test_codinet_stage2_freezes_routers(tiny_config):
   # The frozen routers carry no optimizer state at all (optax.set_to_zero).
   opt = _flat(state.opt_state)
   assert opt and not any(_is_router(k) for k in opt if k.endswith(("kernel", "bias")))
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer's pieces: optimizer, hooks.
+
+
+def test_optimizer_freezes_routers_whatever_the_tree_it_is_given(tiny_config):
+  """One optimizer per stage: its labels are computed from the tree it initialises and updates."""
+  config = tiny_config("codinet", "digits")
+  stage = train.plan_stages(config, 1000)[1]
+  assert stage.cfg.freeze_routers
+  tx = train.make_optimizer(config, stage)
+  params = {"block0": {"router": {"kernel": jnp.ones((2, 2))}, "conv": {"kernel": jnp.ones((2,))}}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates["block0"]["router"]["kernel"], 0.0)
+  assert np.all(np.asarray(updates["block0"]["conv"]["kernel"]) != 0.0)
+  # A pattern of the model's choosing selects its routers.
+  tx = train.make_optimizer(config, stage, router_pattern=r"conv")
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates["block0"]["conv"]["kernel"], 0.0)
+
+
+def test_step_hooks_run_one_step_late_in_order():
+  seen = []
+  monitor = hooks.StepHooks([lambda step, m, force: seen.append(("a", step, force)),
+                             lambda step, m, force: seen.append(("b", step, force))])
+  monitor.push(0, {})
+  assert not seen  # Step 0 is read only once step 1 is dispatched.
+  monitor.push(1, {})
+  monitor.flush()
+  monitor.flush()
+  assert seen == [("a", 0, False), ("b", 0, False), ("a", 1, True), ("b", 1, True)]
+
+
+def test_check_finite_raises_or_skips(caplog):
+  bad = {"finite": jnp.asarray(False), "loss/ce": jnp.asarray(jnp.nan),
+         "grad_norm": jnp.asarray(1.0)}
+  hooks.CheckFinite(skip=False)(3, {"finite": jnp.asarray(True)}, False)
+  with pytest.raises(train.NonFiniteError, match="Non-finite value at step 3 in loss/ce"):
+    hooks.CheckFinite(skip=False)(3, bad, False)
+  hooks.CheckFinite(skip=True)(3, bad, False)
+  assert "Skipped step 3" in caplog.text
+
+
+def test_preemption_agrees_every_step_on_one_process(monkeypatch):
+  calls = []
+  monkeypatch.setattr(distributed, "any_process", lambda flag: calls.append(flag) or flag)
+  with hooks.Preemption() as preemption:
+    assert not preemption.should_stop(1, 5)
+    preemption.signum = 15
+    assert preemption.should_stop(2, 5)
+  assert calls == [False, True]
 
 
 # ------------------------------------------------------------------------------------------------
