@@ -399,7 +399,7 @@ def train_batch(ds: Dataset, seed: int, step: int, global_batch_size: int,
 def train_iterator(ds: Dataset, seed: int, start_step: int, global_batch_size: int,
                    process_index: int = 0, process_count: int = 1, prefetch: int = 2,
                    num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Yields `train_batch` for steps start_step, start_step + 1, ... (`num_steps` of them, or forever).
+  """Yields `train_batch` of steps start_step, start_step + 1, ...: `num_steps` of them, or forever.
 
   With prefetch > 0 the next `prefetch` batches are assembled in a background thread (useful when
   decoding on the host, e.g. imagenet2012). The batches are the same as without prefetching: each
