@@ -179,12 +179,12 @@ class SkipSemanticsTest(parameterized.TestCase):
   def _all_skipped_reference(self, model, variables, x):
     """Stem, then every block replaced by its skip path (identity / option-A), then the head."""
     p, bs = variables["params"], variables["batch_stats"]
-    stem = codinet.Stem(model.width, False)
+    stem = codinet.Stem(model.config.width, False)
     y = stem.apply({"params": p["stem"], "batch_stats": bs["stem"]}, x, train=False)
     for spec in model.block_specs(x.shape[1:3]):
       if spec.skip != "identity":
         y = codinet.option_a_shortcut(y, spec.out_features, spec.stride)
-    return codinet.Head(model.num_classes).apply({"params": p["head"]}, y)
+    return codinet.Head(model.config.num_classes).apply({"params": p["head"]}, y)
 
   @parameterized.parameters(True, False)
   def test_all_skipped_equals_shortcut_network(self, scan):
@@ -216,7 +216,7 @@ class SkipSemanticsTest(parameterized.TestCase):
 
     # Manual: run every block's body except stage2_block1.
     bs = variables["batch_stats"]
-    y = codinet.Stem(model.width, False).apply(
+    y = codinet.Stem(model.config.width, False).apply(
         {"params": params["stem"], "batch_stats": bs["stem"]}, x, train=False)
     for spec in model.block_specs(x.shape[1:3]):
       if spec.site == "stage2_block1":
@@ -226,7 +226,7 @@ class SkipSemanticsTest(parameterized.TestCase):
       sc = y if spec.shortcut == "identity" else codinet.option_a_shortcut(
           y, spec.out_features, spec.stride)
       y = jax.nn.relu(body + sc)
-    ref = codinet.Head(model.num_classes).apply({"params": params["head"]}, y)
+    ref = codinet.Head(model.config.num_classes).apply({"params": params["head"]}, y)
     np.testing.assert_allclose(out.logits, ref, rtol=1e-5, atol=1e-5)
 
   def test_tiny_threshold_equals_all_blocks(self):
@@ -246,8 +246,8 @@ class SkipSemanticsTest(parameterized.TestCase):
     chex.assert_tree_all_finite(out.logits)
     chunked = _japply(model)(variables, _images(), train=False, threshold=0.5, strategy="chunk")
     np.testing.assert_allclose(chunked.logits, out.logits, rtol=1e-5, atol=1e-5)
-    summary = model.cost_summary((8, 8, 3))
-    self.assertGreater(summary.shortcut_params, 0)
+    summary = model.cost_tables((8, 8, 3))
+    self.assertGreater(summary.params["shortcuts"], 0)
 
 
 class DispatchTest(parameterized.TestCase):
@@ -316,7 +316,7 @@ class SizeTest(parameterized.TestCase):
     variables, x = _abstract_variables(model, (1, 32, 32, 3))
     groups = costs.params_by_group(variables["params"], {"routers": "router"})
     self.assertEqual(groups["backbone"], params)
-    summary = model.cost_summary((32, 32, 3))
+    summary = model.cost_tables((32, 32, 3))
     self.assertEqual(summary.backbone_params, params)
     self.assertEqual(summary.backbone_macs, macs)
     self.assertEqual(summary.router_params, groups["routers"])
@@ -333,7 +333,7 @@ class SizeTest(parameterized.TestCase):
     variables, _ = _abstract_variables(model, (1, 224, 224, 3))
     groups = costs.params_by_group(variables["params"], {"routers": "router"})
     self.assertEqual(groups["backbone"], 25_557_032)  # torchvision resnet50.
-    summary = model.cost_summary((224, 224, 3))
+    summary = model.cost_tables((224, 224, 3))
     self.assertEqual(summary.backbone_params, 25_557_032)
     self.assertEqual(summary.backbone_macs, 4_089_184_256)  # ~4.09 GMACs (8.18 GFLOPs).
     self.assertLen(summary.macs_table, 16)

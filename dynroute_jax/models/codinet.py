@@ -37,8 +37,8 @@ when users may disagree):
   block through `dispatch.select_apply` with the call's `strategy`: 'dense' computes every block on
   the whole batch and masks (the reference); 'auto' / 'batch_cond' / 'per_example' / 'compact' /
   'chunk' run a block's residual branch only on (a bucket or chunk of) the examples that selected
-  it. The block is a pure function of its input there: the `body` (params under `<site>/body`) and
-  `shortcut` submodule definitions applied to the block's variables, batch norm in inference mode.
+  it. The block is a pure function of its input there: its `body` (params under `<site>/body`) and
+  `shortcut` submodules through `common.pure_fn`, batch norm in inference mode.
 
 Cost convention (see `dynroute_jax.costs`): MACs of conv and dense layers; FLOPs = 2 x MACs.
 `macs_table[k]` = MACs of block k's residual branch (`body`) for one example; `macs_fixed` = stem,
@@ -51,6 +51,11 @@ runs them only for the examples that skip).
 Site order: the routing axis D lists the blocks in network order (stage by stage, block by block),
 also under `scan_blocks=True`, where blocks 1..n-1 of a stage are one `nn.scan` over stacked
 parameters (site names `stage{s}_block0` and `stage{s}_blocks`; unscanned: `stage{s}_block{i}`).
+
+Hyperparameters live in the frozen `CoDiNetConfig` (validated on construction); `from_config`
+builds it from `config.model` and the module `CoDiNet(config)`.
+
+Shape letters: B batch; H, W, C an image or feature map; N classes; D routed blocks (= S).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -66,10 +71,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dynroute_jax import costs
 from dynroute_jax import dispatch
 from dynroute_jax import routing
 from dynroute_jax.models import base
+from dynroute_jax.models import common
+from dynroute_jax.models import ops
 from dynroute_jax.models.base import ModelOutput
 
 Array = jax.Array
@@ -87,9 +93,6 @@ VARIANTS = tuple(_CIFAR_DEPTHS) + tuple(_IMAGENET_BLOCKS)
 
 ROUTER_ACTIVATIONS = ("relu", "none")
 SKIP_DOWNSAMPLE = ("shortcut", "conv1x1")
-_MODEL_FIELDS = ("name", "variant", "num_classes", "image_size", "num_channels", "width",
-                 "router_hidden", "router_activation", "skip_downsample", "scan_blocks")
-
 
 def is_cifar_variant(variant: str) -> bool:
   return variant in _CIFAR_DEPTHS
@@ -119,31 +122,82 @@ def input_reduction(variant: str) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class CoDiNetConfig:
+  """CoDiNet's hyperparameters (the `config.model` fields but 'name'), validated."""
+  variant: str = "resnet110"
+  num_classes: int = 10
+  image_size: int = 32
+  num_channels: int = 3
+  # Channels of the first stage (16 CIFAR, 64 ImageNet); smaller values give cheap test models.
+  width: int = 16
+  # Router hidden width d; 0 = the block's input channels C_k (official code; Table 6 sizes).
+  router_hidden: int = 0
+  # sigma of Eq. 4: 'relu' (paper) or 'none' (official code: no activation).
+  router_activation: str = "relu"
+  # Skip path of shape-changing blocks: 'shortcut' (block's own shortcut: option A / projection)
+  # or 'conv1x1' (official code: separate learned 1x1 conv + BN + ReLU).
+  skip_downsample: str = "shortcut"
+  # Identical blocks 1..n-1 of each stage under nn.scan (bounded compile time).
+  scan_blocks: bool = True
+
+  def __post_init__(self):
+    """Raises a ValueError naming the first bad field and its allowed values."""
+    common.check_choice(self.variant, "variant", VARIANTS)
+    for name, minimum in (("num_classes", 1), ("num_channels", 1), ("width", 1),
+                          ("router_hidden", 0), ("image_size", 1)):
+      common.check_int(getattr(self, name), name, minimum)
+    common.check_image_size(self.image_size, self.reduction_factor, self.reduction_reason)
+    common.check_choice(self.router_activation, "router_activation", ROUTER_ACTIVATIONS)
+    common.check_choice(self.skip_downsample, "skip_downsample", SKIP_DOWNSAMPLE)
+    common.check_bool(self.scan_blocks, "scan_blocks")
+
+  @property
+  def reduction_factor(self) -> int:
+    return input_reduction(self.variant)
+
+  @property
+  def reduction_reason(self) -> str:
+    return f"the total stride of {self.variant}"
+
+  @property
+  def imagenet(self) -> bool:
+    return not is_cifar_variant(self.variant)
+
+
+_MODEL_FIELDS = ("name",) + tuple(f.name for f in dataclasses.fields(CoDiNetConfig))
+
+
 def default_config(variant: str, num_classes: int = 10, image_size: int = 32,
                    num_channels: int = 3) -> ml_collections.ConfigDict:
   """The `config.model` section for a CoDiNet `variant` (see `VARIANTS`)."""
-  if variant not in VARIANTS:
-    raise ValueError(f"config.model.variant must be one of {VARIANTS}; got {variant!r}.")
+  common.check_choice(variant, "variant", VARIANTS)
   c = ml_collections.ConfigDict(dict(
-      name="codinet",
-      variant=variant,
-      num_classes=num_classes,
-      image_size=image_size,
-      num_channels=num_channels,
-      # Channels of the first stage (16 CIFAR, 64 ImageNet); smaller values give cheap test models.
-      width=default_width(variant),
-      # Router hidden width d; 0 = the block's input channels C_k (official code; Table 6 sizes).
-      router_hidden=0,
-      # sigma of Eq. 4: 'relu' (paper) or 'none' (official code: no activation).
-      router_activation="relu",
-      # Skip path of shape-changing blocks: 'shortcut' (block's own shortcut: option A / projection)
-      # or 'conv1x1' (official code: separate learned 1x1 conv + BN + ReLU).
-      skip_downsample="shortcut",
-      # Identical blocks 1..n-1 of each stage under nn.scan (bounded compile time).
-      scan_blocks=True,
-  ))
-  validate_config(c)
+      name="codinet", variant=variant, num_classes=num_classes, image_size=image_size,
+      num_channels=num_channels, width=default_width(variant),
+      # The readings of the paper (see `CoDiNetConfig`): router width C_k, Eq. 4's ReLU, the
+      # block's own shortcut as its skip path; blocks 1..n-1 of a stage under nn.scan.
+      router_hidden=0, router_activation="relu", skip_downsample="shortcut", scan_blocks=True))
+  config_from_model_config(c)
   return c
+
+
+def config_from_model_config(model_config: Any) -> CoDiNetConfig:
+  """The validated `CoDiNetConfig` of a `config.model` section (before anything is compiled)."""
+  cfg = common.config_dict(model_config)
+  common.check_config_keys(cfg, _MODEL_FIELDS, "config.model has unknown field(s) {unknown}; "
+                           "CoDiNet fields are {allowed}.")
+  missing = [f for f in _MODEL_FIELDS if f not in cfg]
+  if missing:
+    raise ValueError(f"config.model is missing field(s) {missing} (use codinet.default_config).")
+  if cfg["name"] != "codinet":
+    raise ValueError(f"config.model.name must be 'codinet'; got {cfg['name']!r}.")
+  return CoDiNetConfig(**{k: v for k, v in cfg.items() if k != "name"})
+
+
+def from_config(model_config: Any) -> CoDiNet:
+  """Validates `config.model` and builds the module."""
+  return CoDiNet(config_from_model_config(model_config))
 
 
 def parse_config_arg(arg: str | None, default_variant: str,
@@ -168,76 +222,15 @@ def parse_config_arg(arg: str | None, default_variant: str,
   return variant, overrides
 
 
-def _check_int(value: Any, field: str, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"config.model.{field} must be an int >= {minimum}; got {value!r}.")
-
-
-def validate_config(model_config: Any) -> None:
-  """Raises a ValueError naming the bad `config.model` field (before anything is compiled)."""
-  cfg = dict(model_config)
-  unknown = sorted(set(cfg) - set(_MODEL_FIELDS))
-  if unknown:
-    raise ValueError(f"config.model has unknown field(s) {unknown}; CoDiNet fields are "
-                     f"{_MODEL_FIELDS}.")
-  missing = [f for f in _MODEL_FIELDS if f not in cfg]
-  if missing:
-    raise ValueError(f"config.model is missing field(s) {missing} (use codinet.default_config).")
-  if cfg["name"] != "codinet":
-    raise ValueError(f"config.model.name must be 'codinet'; got {cfg['name']!r}.")
-  variant = cfg["variant"]
-  if variant not in VARIANTS:
-    raise ValueError(f"config.model.variant must be one of {VARIANTS}; got {variant!r}.")
-  _check_int(cfg["num_classes"], "num_classes", 1)
-  _check_int(cfg["num_channels"], "num_channels", 1)
-  _check_int(cfg["width"], "width", 1)
-  _check_int(cfg["router_hidden"], "router_hidden", 0)
-  _check_int(cfg["image_size"], "image_size", 1)
-  red = input_reduction(variant)
-  if cfg["image_size"] % red:
-    raise ValueError(f"config.model.image_size must be a multiple of {red} for {variant} (its "
-                     f"total stride); got {cfg['image_size']}.")
-  if cfg["router_activation"] not in ROUTER_ACTIVATIONS:
-    raise ValueError(f"config.model.router_activation must be one of {ROUTER_ACTIVATIONS}; "
-                     f"got {cfg['router_activation']!r}.")
-  if cfg["skip_downsample"] not in SKIP_DOWNSAMPLE:
-    raise ValueError(f"config.model.skip_downsample must be one of {SKIP_DOWNSAMPLE}; "
-                     f"got {cfg['skip_downsample']!r}.")
-  if not isinstance(cfg["scan_blocks"], bool):
-    raise ValueError(f"config.model.scan_blocks must be a bool; got {cfg['scan_blocks']!r}.")
-
-
-def from_config(model_config: Any) -> "CoDiNet":
-  """Validates `config.model` and builds the module."""
-  validate_config(model_config)
-  return CoDiNet(
-      variant=model_config["variant"],
-      num_classes=model_config["num_classes"],
-      width=model_config["width"],
-      router_hidden=model_config["router_hidden"],
-      router_activation=model_config["router_activation"],
-      skip_downsample=model_config["skip_downsample"],
-      scan_blocks=model_config["scan_blocks"],
-  )
-
 
 # ------------------------------------------------------------------------------------------------
 # Layers.
 # ------------------------------------------------------------------------------------------------
 
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # Kaiming normal.
-
 
 def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-  # Explicit symmetric padding (k // 2), as in the reference PyTorch ResNets.
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_conv_init,
-                 name=name)
-
-
-def _bn(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  # Kaiming-normal kernels, as the reference PyTorch ResNets.
+  return common.conv(features, kernel, stride, name=name, kernel_init=common.KAIMING_NORMAL)
 
 
 class BasicBody(nn.Module):
@@ -248,9 +241,9 @@ class BasicBody(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     y = _conv(self.features, 3, self.stride, "conv1")(x)
-    y = nn.relu(_bn(train, "bn1")(y))
+    y = nn.relu(common.batch_norm(train, "bn1")(y))
     y = _conv(self.features, 3, 1, "conv2")(y)
-    return _bn(train, "bn2")(y)
+    return common.batch_norm(train, "bn2")(y)
 
 
 class BottleneckBody(nn.Module):
@@ -260,9 +253,9 @@ class BottleneckBody(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    y = nn.relu(_bn(train, "bn1")(_conv(self.features, 1, 1, "conv1")(x)))
-    y = nn.relu(_bn(train, "bn2")(_conv(self.features, 3, self.stride, "conv2")(y)))
-    return _bn(train, "bn3")(_conv(4 * self.features, 1, 1, "conv3")(y))
+    y = nn.relu(common.batch_norm(train, "bn1")(_conv(self.features, 1, 1, "conv1")(x)))
+    y = nn.relu(common.batch_norm(train, "bn2")(_conv(self.features, 3, self.stride, "conv2")(y)))
+    return common.batch_norm(train, "bn3")(_conv(4 * self.features, 1, 1, "conv3")(y))
 
 
 class Projection(nn.Module):
@@ -274,7 +267,7 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    y = _bn(train, "bn")(_conv(self.features, 1, self.stride, "conv")(x))
+    y = common.batch_norm(train, "bn")(_conv(self.features, 1, self.stride, "conv")(x))
     return nn.relu(y) if self.relu else y
 
 
@@ -295,9 +288,10 @@ class Router(nn.Module):
   activation: str = "relu"
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    del train  # no batch norm; the argument makes it measurable like every other part.
     z = jnp.mean(x, axis=(1, 2))
-    h = nn.Dense(self.hidden, kernel_init=_conv_init, name="fc1")(z)
+    h = nn.Dense(self.hidden, kernel_init=common.KAIMING_NORMAL, name="fc1")(z)
     if self.activation == "relu":
       h = nn.relu(h)
     return nn.Dense(2, name="fc2")(h).astype(jnp.float32)
@@ -311,18 +305,14 @@ class Stem(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     if self.imagenet:
-      y = nn.relu(_bn(train, "bn")(_conv(self.features, 7, 2, "conv")(x)))
+      y = nn.relu(common.batch_norm(train, "bn")(_conv(self.features, 7, 2, "conv")(x)))
       return nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    return nn.relu(_bn(train, "bn")(_conv(self.features, 3, 1, "conv")(x)))
+    return nn.relu(common.batch_norm(train, "bn")(_conv(self.features, 3, 1, "conv")(x)))
 
 
-class Head(nn.Module):
-  """Global average pool and the linear classifier."""
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+class Head(common.Classifier):
+  """Global average pool and the linear classifier (parameters under 'fc')."""
+  dense_name: str | None = "fc"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,15 +357,6 @@ class BlockSpec:
     return (*self.in_hw, self.in_features)
 
 
-@functools.lru_cache(maxsize=None)
-def _module_costs(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, int]:
-  """(MACs, params) per example of an unbound module on one input of `in_shape` (no batch)."""
-  shape = (1, *in_shape)
-  takes_train = isinstance(module, (BasicBody, BottleneckBody, Projection, Stem))
-  kwargs = {"train": False} if takes_train else {}
-  return (costs.module_macs(module, shape, **kwargs), costs.module_params(module, shape, **kwargs))
-
-
 def _block_specs(variant: str, width: int, router_hidden: int, skip_downsample: str,
                  scan_blocks: bool, in_hw: tuple[int, int]) -> tuple[BlockSpec, ...]:
   imagenet = not is_cifar_variant(variant)
@@ -402,32 +383,39 @@ def _block_specs(variant: str, width: int, router_hidden: int, skip_downsample: 
   return tuple(specs)
 
 
-@dataclasses.dataclass(frozen=True)
-class CostSummary:
-  """Per-example MACs and parameters, as Python ints (exact)."""
-  macs_table: tuple[int, ...]     # [D] residual branch of each block.
-  params_table: tuple[int, ...]   # [D]
-  macs_fixed: int                 # stem + routers + shortcuts/skips + classifier.
-  params_fixed: int
-  router_macs: int
-  router_params: int
-  stem_head_macs: int
-  stem_head_params: int
-  shortcut_macs: int              # projection shortcuts and learned skips.
-  shortcut_params: int
+# Cost groups; every one runs for every example (learned skips counted as always executed).
+FIXED_GROUPS = ("stem", "head", common.ROUTERS, "shortcuts")
 
-  @property
-  def backbone_macs(self) -> int:
-    """MACs of the plain ResNet (every block, no routers, no learned skips)."""
-    return self.macs_fixed - self.router_macs + sum(self.macs_table)
 
-  @property
-  def backbone_params(self) -> int:
-    return self.params_fixed - self.router_params + sum(self.params_table)
+@functools.lru_cache(maxsize=None)
+def _cost_tables(cfg: CoDiNetConfig, in_shape: tuple[int, int, int]) -> common.CostTables:
+  """Per-example costs of every part, from `common.module_costs` of its module."""
+  specs = _block_specs(cfg.variant, cfg.width, cfg.router_hidden, cfg.skip_downsample, False,
+                       in_shape[:2])
+  macs = {group: 0 for group in FIXED_GROUPS}
+  params = dict(macs)
 
-  @property
-  def total_params(self) -> int:
-    return self.params_fixed + sum(self.params_table)
+  def add(group, module, shape):
+    m, p = common.module_costs(module, shape)
+    macs[group] += m
+    params[group] += p
+
+  add("stem", Stem(cfg.width, cfg.imagenet, parent=None), in_shape)
+  last = specs[-1]
+  out_hw = ((last.in_hw[0] + last.stride - 1) // last.stride,
+            (last.in_hw[1] + last.stride - 1) // last.stride)
+  add("head", Head(cfg.num_classes, parent=None), (*out_hw, last.out_features))
+  macs_D, params_D = np.zeros(len(specs), np.int64), np.zeros(len(specs), np.int64)
+  for spec in specs:
+    macs_D[spec.index], params_D[spec.index] = common.module_costs(spec.body(), spec.in_shape)
+    add(common.ROUTERS, Router(spec.router_hidden, cfg.router_activation, parent=None),
+        spec.in_shape)
+    if spec.shortcut == "projection":
+      add("shortcuts", Projection(spec.out_features, spec.stride, parent=None), spec.in_shape)
+    if spec.skip == "conv1x1":
+      add("shortcuts", Projection(spec.out_features, spec.stride, relu=True, parent=None),
+          spec.in_shape)
+  return common.CostTables(macs_D, params_D, macs, params, FIXED_GROUPS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,11 +423,21 @@ class CostSummary:
 # ------------------------------------------------------------------------------------------------
 
 
-class RoutedBlock(nn.Module):
-  """One residual block with its router. Returns (output, (path v, weight, executed)), each [B].
+def _shortcut(kind: str, x: Array, features: int, stride: int,
+              projection: Callable[[Array], Array] | None) -> Array:
+  """The block's own shortcut: identity, option A, or the `projection` submodule."""
+  if kind == "identity":
+    return x
+  if kind == "option_a":
+    return option_a_shortcut(x, features, stride)
+  return projection(x)
 
-  Static mode flags are attributes (so the block can sit under nn.scan); `tau` and `threshold`
-  are call arguments (traced values allowed).
+
+class RoutedBlock(nn.Module):
+  """One residual block with its router. Returns (output, (path v, weight, executed, clean)).
+
+  Each of the four is [B]. Static mode flags are attributes (so the block can sit under
+  nn.scan); `tau` and `threshold` are call arguments (traced values allowed).
   """
   bottleneck: bool
   features: int
@@ -456,97 +454,86 @@ class RoutedBlock(nn.Module):
   strategy: str = "dense"
   overridden: bool = False  # inference: v is the call's `v_override` (the static counterpart).
 
-  def _dispatched(self, x: Array, executed: Array) -> Array:
+  def _decisions(self, logits_Bx2: Array, tau: Array, threshold: Array,
+                 v_override: Array | float) -> tuple[Array, Array, Array, Array]:
+    """(v, weight, executed, clean) of the call's mode (see the module docstring), each [B]."""
+    clean = routing.relaxed_decision(None, logits_Bx2, tau)  # noise-free run probability.
+    if self.train and not self.hard:
+      v = routing.relaxed_decision(self.make_rng("routing"), logits_Bx2, tau)
+      return v, v, jnp.ones_like(v), clean
+    v = clean
+    if self.overridden and not self.train:
+      v = jnp.broadcast_to(jnp.asarray(v_override, clean.dtype), clean.shape)
+    u = routing.hard_decision(v, threshold)
+    if self.train:  # stage-2 fine-tuning: hard decisions, straight-through gradient.
+      return v, routing.straight_through(u, v), u.astype(v.dtype), clean
+    weight = u.astype(v.dtype)
+    return v, weight, (weight if self.thresholded else jnp.ones_like(v)), clean
+
+  def _dispatched(self, x: Array, executed: Array, body: nn.Module,
+                  projection: nn.Module | None, skip: nn.Module | None) -> Array:
     """Inference with a threshold: run the block only where `executed` (dispatch strategy)."""
-    params = self.variables["params"]
-    stats = self.variables["batch_stats"]
-    body_cls = BottleneckBody if self.bottleneck else BasicBody
-    body_def = body_cls(self.features, self.stride, parent=None)
-    body_vars = {"params": params["body"], "batch_stats": stats["body"]}
+    body_fn = common.pure_fn(body)
+    projection_fn = None if projection is None else common.pure_fn(projection)
 
     def shortcut(xs):
-      if self.shortcut == "identity":
-        return xs
-      if self.shortcut == "option_a":
-        return option_a_shortcut(xs, self.out_features, self.stride)
-      return Projection(self.out_features, self.stride, parent=None).apply(
-          {"params": params["shortcut"], "batch_stats": stats["shortcut"]}, xs, train=False)
+      return _shortcut(self.shortcut, xs, self.out_features, self.stride, projection_fn)
 
     def run(xs):
-      return nn.relu(body_def.apply(body_vars, xs, train=False) + shortcut(xs))
+      return nn.relu(body_fn(xs) + shortcut(xs))
 
     if self.skip == "identity":
       return dispatch.select_apply(run, x, executed, None, strategy=self.strategy)
     if self.skip == "shortcut":
       # The shortcut is needed by every row (run rows add it, skipped rows are it): compute it once.
       sc = shortcut(x)
-      return dispatch.select_apply(
-          lambda xs_sc: nn.relu(body_def.apply(body_vars, xs_sc[0], train=False) + xs_sc[1]),
-          (x, sc), executed, nn.relu(sc), strategy=self.strategy)
-    skipped = Projection(self.out_features, self.stride, relu=True, parent=None).apply(
-        {"params": params["skip"], "batch_stats": stats["skip"]}, x, train=False)
+      return dispatch.select_apply(lambda xs_sc: nn.relu(body_fn(xs_sc[0]) + xs_sc[1]),
+                                   (x, sc), executed, nn.relu(sc), strategy=self.strategy)
+    skipped = common.pure_fn(skip)(x)
     return dispatch.select_apply(run, x, executed, skipped, strategy=self.strategy)
 
   @nn.compact
   def __call__(self, x: Array, tau: Array, threshold: Array, drop_rate: Array | float = 0.0,
                v_override: Array | float = 0.0):
     logits = Router(self.router_hidden, self.router_activation, name="router")(x)
-    relaxed = self.train and not self.hard
-    clean = routing.relaxed_decision(None, logits, tau)  # noise-free run probability [B].
-    if relaxed:
-      v = routing.relaxed_decision(self.make_rng("routing"), logits, tau)
-      weight = v
-      executed = jnp.ones_like(v)
-    else:
-      v = clean
-      if self.overridden and not self.train:
-        v = jnp.broadcast_to(jnp.asarray(v_override, clean.dtype), clean.shape)
-      u = routing.hard_decision(v, threshold)
-      if self.train:  # stage-2 fine-tuning: hard decisions, straight-through gradient.
-        weight = routing.straight_through(u, v)
-        executed = u.astype(v.dtype)
-      else:
-        weight = u.astype(v.dtype)
-        executed = weight if self.thresholded else jnp.ones_like(v)
-
+    decisions = self._decisions(logits, tau, threshold, v_override)
+    executed = decisions[2]
+    body = (BottleneckBody if self.bottleneck else BasicBody)(self.features, self.stride,
+                                                              name="body")
+    projection = (Projection(self.out_features, self.stride, name="shortcut")
+                  if self.shortcut == "projection" else None)
+    skip = (Projection(self.out_features, self.stride, relu=True, name="skip")
+            if self.skip == "conv1x1" else None)
     if self.thresholded and self.strategy != "dense" and not self.is_initializing():
-      return self._dispatched(x, executed), (v, weight, executed, clean)
+      return self._dispatched(x, executed, body, projection, skip), decisions
 
     # Shortcut of the block (always needed: the block's own residual add and the skip path).
-    if self.shortcut == "identity":
-      sc = x
-    elif self.shortcut == "option_a":
-      sc = option_a_shortcut(x, self.out_features, self.stride)
-    else:
-      sc = Projection(self.out_features, self.stride, name="shortcut")(x, train=self.train)
-
-    body_cls = BottleneckBody if self.bottleneck else BasicBody
-    res = body_cls(self.features, self.stride, name="body")(x, train=self.train)
+    sc = _shortcut(self.shortcut, x, self.out_features, self.stride,
+                   None if projection is None else functools.partial(projection,
+                                                                     train=self.train))
+    res = body(x, train=self.train)
     if self.train and self.drop_path:
-      keep = 1.0 - drop_rate
-      mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],))
-      res = res * (mask.astype(res.dtype) / keep)[:, None, None, None]
+      res = ops.drop_path(res, drop_rate, self.make_rng("dropout"), scale_mask=True)
     run = nn.relu(res + sc)
 
     if not self.train and not self.thresholded and not self.is_initializing():
-      return run, (v, weight, executed, clean)  # every block runs; the skip path is not needed.
+      return run, decisions  # every block runs; the skip path is not needed.
 
     if self.skip == "identity":
       skipped = x
     elif self.skip == "shortcut":
       skipped = nn.relu(sc)
     else:
-      skipped = Projection(self.out_features, self.stride, relu=True, name="skip")(
-          x, train=self.train)
+      skipped = skip(x, train=self.train)
 
     if not self.train and not self.thresholded:  # initialising in "all blocks" mode.
-      return run, (v, weight, executed, clean)
+      return run, decisions
     if self.train:
-      wb = weight.astype(run.dtype)[:, None, None, None]
+      wb = decisions[1].astype(run.dtype)[:, None, None, None]
       y = wb * run + (1.0 - wb) * skipped
     else:
       y = jnp.where(executed.astype(bool)[:, None, None, None], run, skipped)
-    return y, (v, weight, executed, clean)
+    return y, decisions
 
 
 class _ScanBody(nn.Module):
@@ -583,13 +570,7 @@ class CoDiNet(nn.Module):
   Returns a `ModelOutput` with S = D = number of blocks: weights (v in training, 0/1 otherwise),
   executed, path = v (noise-free outside stage 1), macs/params tables, site_shape=(D,).
   """
-  variant: str = "resnet110"
-  num_classes: int = 10
-  width: int = 16
-  router_hidden: int = 0
-  router_activation: str = "relu"
-  skip_downsample: str = "shortcut"
-  scan_blocks: bool = True
+  config: CoDiNetConfig = CoDiNetConfig()
 
   model_name: ClassVar[str] = "codinet"
   router_param_pattern: ClassVar[str] = base.ROUTER_PARAM_PATTERN
@@ -598,14 +579,17 @@ class CoDiNet(nn.Module):
 
   def block_specs(self, image_hw: tuple[int, int]) -> tuple[BlockSpec, ...]:
     """The D routed blocks, in routing order, for inputs of spatial size `image_hw`."""
-    return _block_specs(self.variant, self.width, self.router_hidden, self.skip_downsample,
-                        self.scan_blocks, tuple(image_hw))
+    cfg = self.config
+    return _block_specs(cfg.variant, cfg.width, cfg.router_hidden, cfg.skip_downsample,
+                        cfg.scan_blocks, tuple(image_hw))
 
-  def cost_summary(self, input_shape: Sequence[int]) -> CostSummary:
-    """Exact per-example MACs and params for inputs of shape [H, W, C] (or [B, H, W, C])."""
-    shape = tuple(input_shape)[-3:]
-    return _cost_summary(self.variant, self.width, self.router_hidden, self.router_activation,
-                         self.skip_downsample, self.num_classes, shape)
+  def cost_tables(self, input_shape: Sequence[int] | None = None) -> common.CostTables:
+    """Exact per-example costs for inputs of shape [H, W, C] or [B, H, W, C] (default: the
+    configured image)."""
+    cfg = self.config
+    if input_shape is None:
+      input_shape = (cfg.image_size, cfg.image_size, cfg.num_channels)
+    return _cost_tables(cfg, tuple(input_shape)[-3:])
 
   # -- the RoutedModel contract (see `base.RoutedModel`) -------------------------------------------
 
@@ -641,17 +625,9 @@ class CoDiNet(nn.Module):
   def size_breakdown(self, macs_table_S: np.ndarray) -> dict[str, Any]:
     """Routed MACs per stage (the routing axis lists blocks stage by stage)."""
     table_D = np.asarray(macs_table_S, np.float64)
-    bounds = np.cumsum([0, *stage_blocks(self.variant)])
+    bounds = np.cumsum([0, *stage_blocks(self.config.variant)])
     return {"macs_per_stage": [float(table_D[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])],
             "macs_per_branch_type": None}
-
-  def _check_input(self, x: Array) -> None:
-    if x.ndim != 4:
-      raise ValueError(f"CoDiNet expects images [B, H, W, C]; got shape {x.shape}.")
-    red = input_reduction(self.variant)
-    if x.shape[1] % red or x.shape[2] % red:
-      raise ValueError(f"image size {x.shape[1:3]} must be a multiple of {red} for {self.variant} "
-                       "(config.model.image_size).")
 
   # -- forward ------------------------------------------------------------------------------------
 
@@ -660,114 +636,56 @@ class CoDiNet(nn.Module):
                threshold: float | Array | None = None, drop_path_rate: float = 0.0,
                strategy: str = "dense", hard: bool = False,
                router_override: Array | None = None) -> ModelOutput:
-    self._check_input(x)
-    routing.check_tau(tau)
-    if threshold is not None:
-      routing.check_threshold(threshold)
-    if strategy not in dispatch.STRATEGIES:
-      raise ValueError(f"strategy must be one of {dispatch.STRATEGIES}; got {strategy!r}.")
-    static_rate = isinstance(drop_path_rate, (int, float))
-    if static_rate and not 0.0 <= drop_path_rate < 1.0:
-      raise ValueError(f"drop_path_rate must lie in [0, 1); got {drop_path_rate!r}.")
+    cfg = self.config
+    common.check_images(x, cfg.num_channels, cfg.reduction_factor, cfg.reduction_reason)
+    common.check_call(train=train, tau=tau, threshold=threshold, drop_path_rate=drop_path_rate,
+                      strategy=strategy, threshold_in_training=True)
     if hard and not train:
       raise ValueError("hard=True is a training mode (stage-2 fine-tuning); inference already "
                        "uses hard decisions.")
-
     specs = self.block_specs(x.shape[1:3])
-    if router_override is not None:
-      if train:
-        raise ValueError("router_override applies to evaluation only (train=False).")
-      if tuple(router_override.shape) != (len(specs),):
-        raise ValueError(f"router_override must have shape [{len(specs)}] (one run probability "
-                         f"per routed block); got {router_override.shape}.")
-    override = (jnp.zeros((len(specs),), jnp.float32) if router_override is None
-                else jnp.asarray(router_override, jnp.float32))
-    summary = self.cost_summary(x.shape)
-    imagenet = not is_cifar_variant(self.variant)
-    tau_arr = jnp.asarray(tau, jnp.float32)
-    thr_arr = jnp.asarray(0.5 if threshold is None else threshold, jnp.float32)
-    drop_arr = jnp.asarray(drop_path_rate, jnp.float32)
+    common.check_router_override(router_override, train, len(specs),
+                                 "one run probability per routed block")
+    override_D = (jnp.zeros((len(specs),), jnp.float32) if router_override is None
+                  else jnp.asarray(router_override, jnp.float32))
+    args = (jnp.asarray(tau, jnp.float32),
+            jnp.asarray(0.5 if threshold is None else threshold, jnp.float32),
+            jnp.asarray(drop_path_rate, jnp.float32))
     thresholded = (not train) and threshold is not None
+    static_zero_rate = isinstance(drop_path_rate, (int, float)) and drop_path_rate == 0.0
     mode = dict(train=train, hard=hard, thresholded=thresholded,
-                drop_path=train and not (static_rate and drop_path_rate == 0.0),
-                strategy=(dispatch.resolve_strategy(strategy, x.shape[0]) if thresholded
-                          else "dense"),
+                drop_path=train and not static_zero_rate,
+                strategy=common.resolve_strategy(strategy, x.shape[0], thresholded),
                 overridden=router_override is not None)
 
-    y = Stem(self.width, imagenet, name="stem")(x, train=train)
-    paths, weights, executed, cleans = [], [], [], []
+    y = Stem(cfg.width, cfg.imagenet, name="stem")(x, train=train)
+    decisions = []  # per site: (v, weight, executed, clean), each [B, blocks of the site].
     i = 0
     while i < len(specs):
       spec = specs[i]
       kwargs = dict(bottleneck=spec.bottleneck, features=spec.features,
                     out_features=spec.out_features, stride=spec.stride,
-                    router_hidden=spec.router_hidden, router_activation=self.router_activation,
+                    router_hidden=spec.router_hidden, router_activation=cfg.router_activation,
                     shortcut=spec.shortcut, skip=spec.skip, **mode)
       group = [s for s in specs[i:] if s.site == spec.site]
       if len(group) == 1:
-        y, (v, w, e, c) = RoutedBlock(**kwargs, name=spec.site)(y, tau_arr, thr_arr, drop_arr,
-                                                                 override[i])
-        paths.append(v[:, None]); weights.append(w[:, None]); executed.append(e[:, None])
-        cleans.append(c[:, None])
+        y, d = RoutedBlock(**kwargs, name=spec.site)(y, *args, override_D[i])
+        decisions.append(tuple(a[:, None] for a in d))
       else:
         scan = nn.scan(_ScanBody, variable_axes={"params": 0, "batch_stats": 0},
                        split_rngs={"params": True, "routing": True, "dropout": True},
                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=len(group))
-        y, (v, w, e, c) = scan(tuple(sorted(kwargs.items())), name=spec.site)(
-            y, tau_arr, thr_arr, drop_arr, override[i:i + len(group)])
-        paths.append(v.T); weights.append(w.T); executed.append(e.T); cleans.append(c.T)
+        y, d = scan(tuple(sorted(kwargs.items())), name=spec.site)(
+            y, *args, override_D[i:i + len(group)])
+        decisions.append(tuple(a.T for a in d))
       i += len(group)
 
-    logits = Head(self.num_classes, name="head")(y)
-    return ModelOutput(
-        logits=logits,
-        aux_logits=None,
-        weights=jnp.concatenate(weights, axis=1),
-        executed=jnp.concatenate(executed, axis=1),
-        path=jnp.concatenate(paths, axis=1),
-        macs_table=jnp.asarray(summary.macs_table, jnp.float32),
-        params_table=jnp.asarray(summary.params_table, jnp.float32),
-        macs_fixed=jnp.asarray(summary.macs_fixed, jnp.float32),
-        params_fixed=jnp.asarray(summary.params_fixed, jnp.float32),
-        site_shape=(len(specs),),
-        router_probs=jnp.concatenate(cleans, axis=1),
-        router_macs=jnp.asarray(summary.router_macs, jnp.float32),
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _cost_summary(variant: str, width: int, router_hidden: int, router_activation: str,
-                  skip_downsample: str, num_classes: int,
-                  in_shape: tuple[int, int, int]) -> CostSummary:
-  """Per-example costs of every part, from `costs.module_macs` / `module_params` of its module."""
-  imagenet = not is_cifar_variant(variant)
-  specs = _block_specs(variant, width, router_hidden, skip_downsample, False, in_shape[:2])
-  stem_m, stem_p = _module_costs(Stem(width, imagenet, parent=None), in_shape)
-  last = specs[-1]
-  out_hw = ((last.in_hw[0] + last.stride - 1) // last.stride,
-            (last.in_hw[1] + last.stride - 1) // last.stride)
-  head_m, head_p = _module_costs(Head(num_classes, parent=None), (*out_hw, last.out_features))
-  macs_table, params_table = [], []
-  r_m = r_p = sc_m = sc_p = 0
-  for spec in specs:
-    m, p = _module_costs(spec.body(), spec.in_shape)
-    macs_table.append(m); params_table.append(p)
-    m, p = _module_costs(Router(spec.router_hidden, router_activation, parent=None),
-                         spec.in_shape)
-    r_m += m; r_p += p
-    if spec.shortcut == "projection":
-      m, p = _module_costs(Projection(spec.out_features, spec.stride, parent=None),
-                           spec.in_shape)
-      sc_m += m; sc_p += p
-    if spec.skip == "conv1x1":
-      m, p = _module_costs(
-          Projection(spec.out_features, spec.stride, relu=True, parent=None), spec.in_shape)
-      sc_m += m; sc_p += p
-  return CostSummary(
-      macs_table=tuple(macs_table), params_table=tuple(params_table),
-      macs_fixed=stem_m + head_m + r_m + sc_m, params_fixed=stem_p + head_p + r_p + sc_p,
-      router_macs=r_m, router_params=r_p, stem_head_macs=stem_m + head_m,
-      stem_head_params=stem_p + head_p, shortcut_macs=sc_m, shortcut_params=sc_p)
+    v_BxD, weights_BxD, executed_BxD, clean_BxD = (
+        jnp.concatenate(parts, axis=1) for parts in zip(*decisions))
+    return common.model_output(
+        logits=Head(cfg.num_classes, name="head")(y), aux_logits=None, weights_BxS=weights_BxD,
+        executed_BxS=executed_BxD, path_BxP=v_BxD, router_probs_BxS=clean_BxD,
+        tables=self.cost_tables(x.shape), site_shape=(len(specs),))
 
 
 def unscanned_to_scanned(params: Any, variant: str) -> Any:
