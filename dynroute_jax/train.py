@@ -42,6 +42,7 @@ from dynroute_jax import optimizers
 from dynroute_jax import sharding
 from dynroute_jax import train_step
 from dynroute_jax import workdir as workdir_lib
+from dynroute_jax.models import base as models_base
 # Re-exported: the trainer's public names from before its pieces had modules of their own.
 from dynroute_jax.hooks import NonFiniteError  # noqa: F401
 from dynroute_jax.optimizers import make_optimizer  # noqa: F401
@@ -74,7 +75,7 @@ class _Run:
   """What the stages of one `train_and_evaluate` call share."""
   config: ml_collections.ConfigDict
   workdir: str
-  model: Any  # A `models.base.RoutedModel`.
+  model: models_base.RoutedModel
   mesh: jax.sharding.Mesh
   stages: list[Stage]
   train_ds: input_pipeline.Dataset
