@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import time
 from typing import Any, Callable
@@ -37,6 +35,7 @@ from dynroute_jax import console
 from dynroute_jax import evaluation
 from dynroute_jax import hooks
 from dynroute_jax import input_pipeline
+from dynroute_jax import manifest
 from dynroute_jax import models
 from dynroute_jax import optimizers
 from dynroute_jax import sharding
@@ -62,12 +61,8 @@ PREFETCH_BATCHES = 2
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
-def model_fingerprint(config: ml_collections.ConfigDict) -> str:
-  """Identifies the architecture: checkpoints of another model must not be resumed into this one."""
-  blob = json.dumps({"model": config.model.to_dict(), "num_classes": config.data.num_classes,
-                     "image_size": config.data.image_size,
-                     "num_channels": config.data.num_channels}, sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+# One fingerprint, stored in every checkpoint's meta (re-exported for the trainer's callers).
+model_fingerprint = manifest.model_fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
