@@ -20,6 +20,7 @@ import ml_collections
 
 from dynroute_jax import checkpoint as ckpt_lib
 from dynroute_jax import distributed
+from dynroute_jax import manifest
 from dynroute_jax import workdir_lock
 
 
@@ -104,7 +105,7 @@ def resume_step(ckpt: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict) 
   if step is not None or not ckpt.all_steps():
     return step
   damaged = ckpt.damage_report()
-  listing = "; ".join(f"step {s}: {ckpt_lib._summarise(p)}"  # pylint: disable=protected-access
+  listing = "; ".join(f"step {s}: {manifest.summarise(p)}"
                       for s, p in sorted(damaged.items(), reverse=True))
   if not config.checkpoint.restart_if_damaged:
     raise ckpt_lib.NoGoodCheckpointError(
