@@ -467,10 +467,14 @@ class CoDiNet(nn.Module):
         decisions.append(tuple(a.T for a in d))
       i += len(group)
 
-    v_BxD, weights_BxD, executed_BxD, clean_BxD = (
-        jnp.concatenate(parts, axis=1) for parts in zip(*decisions))
+    logits = Head(cfg.num_classes, name="head")(y)
+    paths, weights, executed, cleans = zip(*decisions)
+    weights_BxD = jnp.concatenate(weights, axis=1)
+    executed_BxD = jnp.concatenate(executed, axis=1)
+    v_BxD = jnp.concatenate(paths, axis=1)
+    clean_BxD = jnp.concatenate(cleans, axis=1)
     return common.model_output(
-        logits=Head(cfg.num_classes, name="head")(y), aux_logits=None, weights_BxS=weights_BxD,
+        logits=logits, aux_logits=None, weights_BxS=weights_BxD,
         executed_BxS=executed_BxD, path_BxP=v_BxD, router_probs_BxS=clean_BxD,
         tables=self.cost_tables(x.shape), site_shape=(len(specs),))
 

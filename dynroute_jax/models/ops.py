@@ -133,7 +133,7 @@ def drop_path(x: Array, rate: float | Array, key: Array, *, scale_mask: bool = F
   keep = 1.0 - jnp.asarray(rate, jnp.float32)
   if scale_mask:
     mask_B = jax.random.bernoulli(key, keep, (x.shape[0],))
-    return x * (mask_B.astype(x.dtype) / keep).reshape((-1,) + (1,) * (x.ndim - 1))
+    return x * (mask_B.astype(x.dtype) / keep)[(slice(None),) + (None,) * (x.ndim - 1)]
   mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 
