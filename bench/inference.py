@@ -91,7 +91,7 @@ class Bench:
                   isinstance(m, drnet_lib.RouterNet) and n == "__call__"),
               mutable=["intermediates"], **kwargs)
           router_logits = [state["intermediates"][f"cell_{i}"]["router"]["__call__"][0]
-                           for i in range(self.model.num_cells)]
+                           for i in range(self.model.config.num_cells)]
         else:
           out = self.model.apply(variables, x, **kwargs)
           router_logits = None
@@ -260,7 +260,7 @@ def calibrate_drnet(bench: Bench, variables: dict, x_cal: jax.Array, p: float, t
   captured with `capture_intermediates`).
   """
   params = _np_tree(variables["params"])
-  num_cells, k = bench.model.num_cells, drnet_lib.NUM_BRANCHES
+  num_cells, k = bench.model.config.num_cells, drnet_lib.NUM_BRANCHES
   dense_names = [f"cell_{i}" for i in range(num_cells)]
   orig = [(params[c]["router"]["Dense_0"]["kernel"].copy(),
            params[c]["router"]["Dense_0"]["bias"].copy()) for c in dense_names]
