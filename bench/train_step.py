@@ -167,7 +167,7 @@ def routed_setup(config, stage, mesh, batch_abstract, key):
   shape = (1, dc.image_size, dc.image_size, dc.num_channels)
   abstract, shardings, init = train.create_state(config, model, mesh, stage, shape,
                                                  sharding.RULES[config.mesh.param_sharding])
-  tx = train.make_optimizer(config, stage, abstract.params)
+  tx = train.make_optimizer(config, stage, router_pattern=model.router_param_pattern)
   compiled, secs = _compile(train.make_train_step(config, model, stage, tx), abstract, shardings,
                             mesh, batch_abstract, key)
   return compiled, secs, init()
@@ -181,14 +181,14 @@ def plain_setup(config, stage, mesh, batch_abstract, key):
 
   def init_fn(k):
     variables = model.init({"params": k}, x, train=False)
-    tx = train.make_optimizer(config, stage, variables["params"])
+    tx = train.make_optimizer(config, stage)
     return train.TrainState(step=jnp.asarray(stage.start, jnp.int32), params=variables["params"],
                             batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
 
   k0 = jax.random.key(config.seed)
   abstract = jax.eval_shape(init_fn, k0)
   shardings = sharding.tree_shardings(abstract, mesh, sharding.RULES[config.mesh.param_sharding])
-  tx = train.make_optimizer(config, stage, abstract.params)
+  tx = train.make_optimizer(config, stage)
   compiled, secs = _compile(plain_resnet_step(config, model, stage, tx), abstract, shardings, mesh,
                             batch_abstract, key)
   return compiled, secs, jax.jit(init_fn, out_shardings=shardings)(k0)
