@@ -57,7 +57,6 @@ ITEMS = ("params", "batch_stats", "opt_state")
 META_ITEM = "meta"
 MANIFEST_NAME = manifest.MANIFEST_NAME
 QUARANTINE_DIR = manifest.QUARANTINE_DIR
-_summarise = manifest.summarise  # The trainer's resume message lists problems with it.
 
 
 class CheckpointError(RuntimeError):
@@ -378,7 +377,7 @@ class Checkpointer:
       problems = self.verify(step) or ["process 0 found the step damaged"]
       raise DamagedCheckpointError(
           f"checkpoint step {step} in {self.directory} is damaged or incomplete: "
-          f"{_summarise(problems)}", step, problems)
+          f"{manifest.summarise(problems)}", step, problems)
     return step
 
   def _read_meta_unchecked(self, step: int) -> dict:
