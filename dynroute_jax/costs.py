@@ -7,14 +7,19 @@ collection (not batch-norm running statistics).
 
 MACs are never typed in by hand: `count_macs` traces a function to a jaxpr and sums the MACs of
 every `conv_general_dilated` and `dot_general` it finds, from their static shapes. Models call
-`module_macs` on a branch or block definition to build their per-unit MACs tables.
+`module_macs` on a branch or block definition to build their per-unit MACs tables. While
+`count_macs` traces, `counting()` is True: layers that compute a convolution some other way for
+speed (the depthwise convolutions on CPU, `models.common.depthwise_conv`) then emit the plain
+convolution, so the count sees one `conv_general_dilated` whichever implementation runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
+import threading
 from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
@@ -89,9 +94,27 @@ def jaxpr_macs(jaxpr, *, cond_policy: str = "max") -> int:
   return total
 
 
+_COUNTING = threading.local()
+
+
+def counting() -> bool:
+  """True while `count_macs` traces (in this thread)."""
+  return getattr(_COUNTING, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _counting():
+  _COUNTING.depth = getattr(_COUNTING, "depth", 0) + 1
+  try:
+    yield
+  finally:
+    _COUNTING.depth -= 1
+
+
 def count_macs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
   """MACs of calling `fn(*args, **kwargs)`, from its jaxpr (arguments may be ShapeDtypeStructs)."""
-  return jaxpr_macs(jax.make_jaxpr(functools.partial(fn, **kwargs))(*args))
+  with _counting():
+    return jaxpr_macs(jax.make_jaxpr(functools.partial(fn, **kwargs))(*args))
 
 
 def module_macs(module: nn.Module, input_shape: tuple[int, ...], dtype=jnp.float32,

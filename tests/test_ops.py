@@ -83,3 +83,34 @@ def test_drop_path():
   np.testing.assert_allclose(f(jnp.float32(0.25)), y)
   with pytest.raises(ValueError, match="drop_path_rate"):
     module.apply({}, x, 1.0, deterministic=False, rngs={"dropout": jax.random.key(3)})
+
+
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (3, 1, 2), (5, 1, 2)])
+def test_depthwise_conv_matches_grouped_conv_and_counts_the_same(k, stride, dilation):
+  """The shifted-tap depthwise conv equals XLA's grouped conv, value and gradients."""
+  from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
+  c, h = 8, 9
+  x = jax.random.normal(jax.random.key(1), (3, h, h, c))
+  w = jax.random.normal(jax.random.key(2), (k, k, 1, c))
+  p = dilation * (k // 2)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  kwargs = dict(window_strides=(stride, stride), padding=((p, p), (p, p)),
+                rhs_dilation=(dilation, dilation), dimension_numbers=dn, feature_group_count=c)
+
+  def loss(fn, x, w):
+    return jnp.sum(jnp.sin(fn(x, w, **kwargs)))
+
+  ours = common.depthwise_conv(x, w, **kwargs)
+  plain = jax.lax.conv_general_dilated(x, w, **kwargs)
+  np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(lambda x, w: loss(common.depthwise_conv, x, w), argnums=(0, 1))(x, w)
+  g_plain = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
+  for a, b in zip(g_ours, g_plain):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # On CPU the taps are what runs (no convolution in the jaxpr) ...
+  fn = lambda x, w: common.depthwise_conv(x, w, **kwargs)
+  if jax.default_backend() == "cpu":
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(fn)(x, w))
+  # ... yet MACs are counted from the one convolution: Ho*Wo*C*k*k per image.
+  ho = (h + 2 * p - dilation * (k - 1) - 1) // stride + 1
+  assert costs.count_macs(fn, x[:1], w) == ho * ho * c * k * k
