@@ -46,6 +46,7 @@ import optax  # noqa: E402
 from dynroute_jax import input_pipeline, losses, sharding, train  # noqa: E402
 from dynroute_jax import models  # noqa: E402
 from dynroute_jax.models import codinet  # noqa: E402
+from dynroute_jax.models import common  # noqa: E402
 
 # name -> (config file, config argument, training examples for the schedules)
 CIFAR = {
@@ -113,7 +114,8 @@ class PlainResNet(nn.Module):
         y, _ = _PlainBlock(**kw, name=s.site)(y)
       else:
         scan = nn.scan(_PlainBlock, variable_axes={"params": 0, "batch_stats": 0},
-                       split_rngs={"params": True}, length=len(group))
+                       split_rngs={"params": True}, length=len(group),
+                       unroll=common.scan_unroll(len(group)))
         y, _ = scan(**kw, name=s.site)(y, None)
       i += len(group)
     return codinet.Head(self.num_classes, name="head")(y)

@@ -299,6 +299,21 @@ class ScanEquivalenceTest(parameterized.TestCase):
                                 st_b["batch_stats"], rtol=1e-5, atol=1e-6)
 
 
+  def test_scanned_blocks_unrolled_on_cpu(self):
+    """On CPU the scanned blocks lower without a while loop (XLA:CPU's conv gradients in a loop
+    made a ResNet-32 train step 27x slower); the stacked parameter layout is unchanged."""
+    model, variables = _init(True)
+    x = _images(2)
+
+    def loss(params):
+      out = model.apply({**variables, "params": params}, x, train=False)
+      return jnp.sum(out.logits)
+
+    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
+    self.assertEqual("while" in hlo, jax.default_backend() != "cpu")
+    stacked = variables["params"]["stage1_blocks"]
+    self.assertEqual(jax.tree.leaves(stacked)[0].shape[0], 2)  # blocks 1-2 of stage 1
+
 def _abstract_variables(model, shape):
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x), x

@@ -461,7 +461,8 @@ class CoDiNet(nn.Module):
       else:
         scan = nn.scan(ScanBody, variable_axes={"params": 0, "batch_stats": 0},
                        split_rngs={"params": True, "routing": True, "dropout": True},
-                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=len(group))
+                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=len(group),
+                       unroll=common.scan_unroll(len(group)))
         y, d = scan(tuple(sorted(kwargs.items())), name=spec.site)(
             y, *args, override_D[i:i + len(group)])
         decisions.append(tuple(a.T for a in d))
