@@ -14,7 +14,8 @@ steps run in one process, interleaved round by round (one step each per round, a
 so machine noise hits both; ratio = median over rounds of (JAX step time / PyTorch step time).
 Both use every core (XLA:CPU's pool, torch's intra-op threads).
 
-torch is a bench-only dependency (`pip install torch==2.13.0`, CPU build); no test imports it.
+torch is a bench-only dependency (`pip install -e ".[bench]"`, i.e. torch==2.13.0, CPU build); no
+test imports it.
 
   python bench/peer_torch.py                 # batch 32 (x 2 views), 10 rounds
   python bench/peer_torch.py --batch 128 --rounds 5
