@@ -46,6 +46,7 @@ import os
 import time
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -137,7 +138,9 @@ class Checkpointer:
       raise ValueError(f"keep must be >= 1 or None, got {keep}")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-    self.directory = os.path.abspath(os.fspath(directory))
+    # Any file system etils.epath supports; local paths made absolute (orbax requires it).
+    directory = os.fspath(directory)
+    self.directory = os.path.abspath(directory) if manifest.is_local(directory) else directory
     self.keep, self.async_save, self.fingerprint = keep, async_save, fingerprint
     self.save_interval_steps = save_interval_steps
     self._verifier = manifest.Verifier(self.directory)
@@ -150,10 +153,13 @@ class Checkpointer:
     if fingerprint is not None:
       self.check_compatible(fingerprint)
 
+  def _exists(self) -> bool:
+    return epath.Path(self.directory).is_dir()
+
   def _get_manager(self, create: bool = False) -> ocp.CheckpointManager:
     """Orbax's manager, made on first use so that reading a missing directory creates nothing."""
     if self._manager is None:
-      if not create and not os.path.isdir(self.directory):
+      if not create and not self._exists():
         raise CheckpointNotFoundError(f"checkpoint directory {self.directory} does not exist")
       options = ocp.CheckpointManagerOptions(
           create=create,
@@ -171,7 +177,7 @@ class Checkpointer:
   def _open_on_every_process(self) -> None:
     """Creates orbax's manager on every process: its constructor is a collective, which code that
     runs on process 0 alone (verification before a broadcast) must never be first to call."""
-    if self._manager is None and os.path.isdir(self.directory):
+    if self._manager is None and self._exists():
       self._get_manager()
 
   def __enter__(self) -> "Checkpointer":
@@ -184,7 +190,7 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     """Every step with a committed orbax directory, ascending (good or not)."""
-    if not os.path.isdir(self.directory):
+    if not self._exists():
       return []
     manager = self._get_manager()
     if self._pending is None:  # Reloading would drop the step orbax is still writing.
@@ -265,7 +271,7 @@ class Checkpointer:
     if not self._make_room(step):
       return False
     try:
-      os.makedirs(self.directory, exist_ok=True)
+      epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
       args = {k: ocp.args.StandardSave(trees[k]) for k in saved_items}
       args[META_ITEM] = ocp.args.JsonSave(meta)
       self._get_manager(create=True).save(step, args=ocp.args.Composite(**args), force=True,
@@ -284,7 +290,7 @@ class Checkpointer:
   def _make_room(self, step: int) -> bool:
     """False if `step` exists and verifies; moves it to quarantine/ first if it is damaged."""
     decision, problems = 0, []  # 0: save; 1: exists and verifies; 2: exists damaged.
-    if os.path.isdir(self.directory):
+    if self._exists():
       self.check_compatible(self.fingerprint)
       self._open_on_every_process()
       if _is_primary() and step in self.all_steps():
@@ -356,7 +362,7 @@ class Checkpointer:
   def _resolve_step(self, step: Optional[int]) -> int:
     """`step` if it exists and verifies, the newest verifying step if None; raises otherwise."""
     self.wait_until_finished()
-    if not os.path.isdir(self.directory):
+    if not self._exists():
       raise CheckpointNotFoundError(f"checkpoint directory {self.directory} does not exist")
     steps = self.all_steps()
     if not steps:

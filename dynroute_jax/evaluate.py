@@ -98,10 +98,10 @@ def _check_arguments(step: int | None, strategy: str, target_macs: Any,
 
 def _newest_step(workdir: str) -> int | None:
   """The newest step directory (orbax's temporary ones have a suffix); damaged ones count."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if "://" in os.fspath(ckpt_dir) or not os.path.isdir(ckpt_dir):
+  ckpt_dir = epath.Path(workdir) / "checkpoints"
+  if not ckpt_dir.is_dir():
     return None  # No checkpoints: `inference.restore_run` says so.
-  return max((int(name) for name in os.listdir(ckpt_dir) if name.isdigit()), default=None)
+  return max((int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()), default=None)
 
 
 def _budget_request(config, target_macs: float | None,

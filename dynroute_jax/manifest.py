@@ -11,8 +11,11 @@ of every file of the step (the manifest included): a step is read in full once p
 step just written not even once) and again only when one of its files changes. Damage that leaves
 size, mtime and inode unchanged (bit rot under the file system) is found by `verify` only.
 
-Step directories are read through `os` (a fsync'd rename makes the manifest durable), so
-checksummed checkpoints live on local or mounted file systems.
+Step directories are read through `etils.epath`, so checkpoints may live on any file system
+orbax supports (`gs://...` included). On local file systems the manifest is fsync'd before its
+rename and the directory after it, and the cache key uses inodes and nanosecond mtimes; an object
+store commits each object whole (the manifest is written in one put) and has no inodes, so there
+the key is (path, size, mtime).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import threading
 import time
 from typing import Any, Iterable, Optional, Sequence
 
+from etils import epath
 import ml_collections
 
 MANIFEST_NAME = "manifest.json"
@@ -56,28 +60,50 @@ def summarise(problems: Sequence[str]) -> str:
   return "; ".join(shown)
 
 
-def _sha256(path: str) -> str:
+PathLike = str | os.PathLike
+
+
+def is_local(path: PathLike) -> bool:
+  """True for a path of the local (or a mounted) file system, False for `scheme://...`."""
+  return "://" not in os.fspath(path)
+
+
+def _sha256(path: epath.Path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     while chunk := f.read(_HASH_CHUNK):
       digest.update(chunk)
   return digest.hexdigest()
 
 
-def _list_files(root: str) -> list[str]:
-  """Relative paths of every regular file under root, sorted, the manifest excluded."""
+def _walk_files(root: epath.Path) -> list[tuple[str, epath.Path]]:
+  """(relative path with '/', path) of every regular file under root, sorted."""
+  if not root.is_dir():
+    return []
   files = []
-  for dirpath, _, filenames in os.walk(root):
+  for dirpath, _, filenames in root.walk():
     for name in filenames:
-      rel = os.path.relpath(os.path.join(dirpath, name), root)
-      if rel == MANIFEST_NAME or name.startswith("." + MANIFEST_NAME):
-        continue
-      files.append(rel.replace(os.sep, "/"))
+      path = epath.Path(dirpath) / name
+      files.append((os.fspath(path.relative_to(root)).replace(os.sep, "/"), path))
   return sorted(files)
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-  """Writes JSON through a temporary file in the same directory, fsync, then rename."""
+def _list_files(root: epath.Path) -> list[str]:
+  """Relative paths of every regular file under root, sorted, the manifest excluded."""
+  return [rel for rel, path in _walk_files(root)
+          if rel != MANIFEST_NAME and not path.name.startswith("." + MANIFEST_NAME)]
+
+
+def _atomic_write_json(path: epath.Path, obj: Any) -> None:
+  """Writes JSON so that readers see all of it or nothing.
+
+  Locally: a temporary file in the same directory, fsync, rename, fsync of the directory. An
+  object store creates each object whole, so there one write is already atomic.
+  """
+  if not is_local(path):
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    return
+  path = os.fspath(path)
   directory, name = os.path.split(path)
   tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}")
   try:
@@ -102,29 +128,35 @@ def _atomic_write_json(path: str, obj: Any) -> None:
     pass
 
 
-def _signature(step_dir: str) -> tuple:
-  """(path, size, mtime, inode) of every file of a step: what a cached verdict is valid for."""
+def _stat(path: epath.Path) -> tuple:
+  """(size, mtime, inode) locally; (size, mtime) where there are no inodes."""
+  if is_local(path):
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+  st = path.stat()
+  return (st.length, st.mtime)
+
+
+def _signature(step_dir: epath.Path) -> tuple:
+  """(path, size, mtime[, inode]) of every file of a step: what a cached verdict is valid for."""
   entries = []
-  for dirpath, _, filenames in os.walk(step_dir):
-    for name in filenames:
-      path = os.path.join(dirpath, name)
-      try:
-        st = os.stat(path)
-      except OSError:
-        continue
-      entries.append((os.path.relpath(path, step_dir), st.st_size, st.st_mtime_ns, st.st_ino))
-  return tuple(sorted(entries))
+  for rel, path in _walk_files(step_dir):
+    try:
+      entries.append((rel,) + _stat(path))
+    except (OSError, FileNotFoundError):  # Removed while listing: the verdict is void anyway.
+      continue
+  return tuple(entries)
 
 
-def _problems(step_dir: str, step: int) -> list[str]:
+def _problems(step_dir: epath.Path, step: int) -> list[str]:
   """What is wrong with the step directory against its manifest; reads every file."""
-  if not os.path.isdir(step_dir):
+  if not step_dir.is_dir():
     return [f"step directory {step_dir} is missing"]
-  manifest_path = os.path.join(step_dir, MANIFEST_NAME)
-  if not os.path.exists(manifest_path):
+  manifest_path = step_dir / MANIFEST_NAME
+  if not manifest_path.exists():
     return [f"{MANIFEST_NAME} is missing (the save did not complete, or the file was removed)"]
   try:
-    with open(manifest_path) as f:
+    with manifest_path.open() as f:
       manifest = json.load(f)
     files = manifest["files"]
     if int(manifest["step"]) != int(step):
@@ -133,11 +165,11 @@ def _problems(step_dir: str, step: int) -> list[str]:
     return [f"{MANIFEST_NAME} is unreadable: {e}"]
   problems = []
   for rel, entry in sorted(files.items()):
-    path = os.path.join(step_dir, rel)
-    if not os.path.isfile(path):
+    path = step_dir / rel
+    if not path.is_file():
       problems.append(f"missing file {rel}")
       continue
-    size = os.path.getsize(path)
+    size = _stat(path)[0]
     if size != entry["size"]:
       problems.append(f"size mismatch in {rel}: {size} bytes, expected {entry['size']}")
       continue
@@ -150,25 +182,26 @@ class Verifier:
   """Writes and checks the manifests of the step directories `<directory>/<step>/`.
 
   Args:
-    directory: the folder holding one directory per step, named by its step number.
+    directory: the folder holding one directory per step, named by its step number (any
+      file system etils.epath supports).
   """
 
-  def __init__(self, directory: str):
-    self.directory = directory
+  def __init__(self, directory: PathLike):
+    self.directory = epath.Path(directory)
     # step -> (file signature, problems): the full verifications already done.
     self._verdicts: dict[int, tuple[tuple, tuple[str, ...]]] = {}
 
-  def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(int(step)))
+  def step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(int(step))
 
   def write(self, step: int) -> None:
     """Writes the manifest of a committed step: its files' sizes and checksums."""
     step_dir = self.step_dir(step)
     files = {}
     for rel in _list_files(step_dir):
-      path = os.path.join(step_dir, rel)
-      files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
-    _atomic_write_json(os.path.join(step_dir, MANIFEST_NAME), {
+      path = step_dir / rel
+      files[rel] = {"size": _stat(path)[0], "sha256": _sha256(path)}
+    _atomic_write_json(step_dir / MANIFEST_NAME, {
         "step": int(step), "format_version": FORMAT_VERSION, "algorithm": "sha256",
         "written": time.time(), "files": files})
     # The checksums were just computed from these very files: the step verifies without a second
@@ -196,12 +229,18 @@ class Verifier:
 
   def quarantine(self, step: int, problems: Sequence[str]) -> None:
     """Moves a damaged step to `quarantine/<step>-<ns>/`, so that it can be saved again."""
-    target = os.path.join(self.directory, QUARANTINE_DIR, f"{step}-{time.time_ns()}")
+    target = self.directory / QUARANTINE_DIR / f"{step}-{time.time_ns()}"
     logging.warning("Checkpoint step %d in %s is damaged or incomplete (%s); moving it to %s "
                     "before saving step %d again.", step, self.directory, summarise(problems),
                     target, step)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(self.step_dir(step), target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_local(target):
+      shutil.move(os.fspath(self.step_dir(step)), os.fspath(target))
+    else:  # Object stores have no directory rename: copy, then remove the original.
+      for rel, path in _walk_files(self.step_dir(step)):
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        path.copy(target / rel)
+      self.step_dir(step).rmtree()
     self.forget(step)
 
   def oldest_to_keep(self, steps: Iterable[int], keep: int) -> Optional[int]:

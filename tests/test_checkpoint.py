@@ -512,7 +512,7 @@ def test_retention_verifies_in_full_and_caches_the_verdicts(tmp_path, monkeypatc
   d = str(tmp_path / "ckpt")
   hashed = []
   real_sha256 = manifest._sha256
-  monkeypatch.setattr(manifest, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
+  monkeypatch.setattr(manifest, "_sha256", lambda path: hashed.append(os.fspath(path)) or real_sha256(path))
   with C.Checkpointer(d, keep=2, async_save=False, fingerprint=FP) as ckpt:
     for step in (1, 2, 3):
       save_state(ckpt, step)
@@ -528,3 +528,27 @@ def test_retention_verifies_in_full_and_caches_the_verdicts(tmp_path, monkeypatc
     step2 = [p for p in hashed if os.sep + "2" + os.sep in p]
     assert step3 and not step2  # The changed step was re-read, the unchanged one was not.
     assert "checksum mismatch" in " ".join(ckpt.damage_report()[3])
+
+
+def test_object_store_code_path_on_a_local_directory(tmp_path, monkeypatch):
+  """The branch for gs://-style file systems (one-put manifest, (size, mtime) cache keys,
+  quarantine by copy and delete) saves, verifies, finds damage, quarantines and restores."""
+  monkeypatch.setattr(manifest, "is_local", lambda path: False)
+  d = str(tmp_path / "ckpt")
+  with C.Checkpointer(d, async_save=False, fingerprint=FP) as ckpt:
+    save_state(ckpt, 1)
+    save_state(ckpt, 2)
+    assert ckpt.verify(1) == [] and ckpt.verify(2) == []
+    assert not [n for n in os.listdir(os.path.join(d, "2")) if ".tmp-" in n]  # one put, no temp
+  _flip_byte(os.path.join(d, "2"))
+  with C.Checkpointer(d, async_save=False, fingerprint=FP) as ckpt:
+    assert any("checksum mismatch" in p for p in ckpt.verify(2))
+    assert ckpt.latest_good_step() == 1
+    assert save_state(ckpt, 2)  # the damaged step is moved aside first
+    assert ckpt.verify(2) == []
+    items, meta = ckpt.restore(abstract=abstract_of(2))
+    assert meta["step"] == 2
+    assert_bitwise_equal(items["params"], make_state(2)[0])
+  (quarantined,) = os.listdir(os.path.join(d, C.QUARANTINE_DIR))
+  assert quarantined.startswith("2-")
+  assert os.listdir(os.path.join(d, C.QUARANTINE_DIR, quarantined))  # the files came along
