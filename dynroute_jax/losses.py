@@ -271,13 +271,19 @@ def saturation_stats(choices_BxUxK: Array, level: float = 0.99) -> dict[str, Arr
 # The training objective.
 
 
+def _on(weight: float | Array) -> bool:
+  """Whether a loss term is in the graph: a positive weight, or a traced one (a step shared by
+  stages with different weights, `train_step.make_shared_train_step`)."""
+  return not isinstance(weight, (int, float)) or weight > 0
+
+
 def total_loss(out: models_base.ModelOutput, labels_B: Array, stage_cfg: ml_collections.ConfigDict,
                train_cfg: ml_collections.ConfigDict, *, num_views: int, tau: float | Array
                ) -> tuple[Array, dict[str, Array]]:
   """The stage's training loss: the sum of its weighted terms, and the terms themselves.
 
-  The terms, each present only when its weight is positive (and, for 'aux', when the model has an
-  auxiliary head), in the order they are summed: 'ce', 'aux', 'resource', 'consistency',
+  The terms, each present only when its weight is positive or traced (and, for 'aux', when the
+  model has an auxiliary head), in the order they are summed: 'ce', 'aux', 'resource', 'consistency',
   'diversity', 'cost', 'router_logit'. The order is part of the contract: a float sum in another
   order is another number, and resumed runs are compared bit for bit.
 
@@ -285,7 +291,8 @@ def total_loss(out: models_base.ModelOutput, labels_B: Array, stage_cfg: ml_coll
     out: the train=True model output for the B = images x views examples of the batch, views of
       one image adjacent (the layout of `input_pipeline.make_views`, flattened).
     labels_B: [B] integer labels, one per example.
-    stage_cfg: the stage's config (`config.train.stage1`, ...): the loss weights.
+    stage_cfg: the stage's config (`config.train.stage1`, ...), or any object with its `*_weight`
+      fields: the loss weights, Python numbers or traced scalars.
     train_cfg: `config.train`: label smoothing, margins and the cost and path options.
     num_views: M, the augmented views per image (the path losses group the examples by image).
     tau: the router temperature of the step (for `router_logit_spread`).
@@ -294,16 +301,16 @@ def total_loss(out: models_base.ModelOutput, labels_B: Array, stage_cfg: ml_coll
     (scalar total, {term name: scalar weighted term}).
   """
   terms = {"ce": jnp.mean(cross_entropy(out.logits, labels_B, train_cfg.label_smoothing))}
-  if stage_cfg.aux_weight > 0 and out.aux_logits is not None:
+  if _on(stage_cfg.aux_weight) and out.aux_logits is not None:
     terms["aux"] = stage_cfg.aux_weight * jnp.mean(
         cross_entropy(out.aux_logits, labels_B, train_cfg.label_smoothing))
   correct_B = correct_predictions(out.logits, labels_B)
-  if stage_cfg.resource_weight > 0:
+  if _on(stage_cfg.resource_weight):
     cost_B = (out.expected_routed_macs if train_cfg.resource_cost == "branches"
               else out.expected_macs)
     terms["resource"] = resource_loss(cost_B, correct_B, stage_cfg.resource_weight)
   terms.update(_path_terms(out, stage_cfg, train_cfg, num_views))
-  if stage_cfg.cost_weight > 0:
+  if _on(stage_cfg.cost_weight):
     terms["cost"] = stage_cfg.cost_weight * _cost(out, correct_B, train_cfg)
   if train_cfg.router_logit_weight > 0:
     terms["router_logit"] = train_cfg.router_logit_weight * router_logit_spread(
@@ -316,13 +323,13 @@ def _path_terms(out: models_base.ModelOutput, stage_cfg: ml_collections.ConfigDi
                 train_cfg: ml_collections.ConfigDict, num_views: int) -> dict[str, Array]:
   """The weighted CoDiNet consistency and diversity terms over the images' routing paths."""
   terms = {}
-  if stage_cfg.consistency_weight > 0 or stage_cfg.diversity_weight > 0:
+  if _on(stage_cfg.consistency_weight) or _on(stage_cfg.diversity_weight):
     path_BxD = out.router_probs if train_cfg.path_loss_input == "clean" else out.path
     paths_NxMxD = path_BxD.reshape(-1, num_views, path_BxD.shape[-1])
-    if stage_cfg.consistency_weight > 0:
+    if _on(stage_cfg.consistency_weight):
       terms["consistency"] = stage_cfg.consistency_weight * consistency_loss(
           paths_NxMxD, train_cfg.consistency_margin)
-    if stage_cfg.diversity_weight > 0:
+    if _on(stage_cfg.diversity_weight):
       terms["diversity"] = stage_cfg.diversity_weight * diversity_loss(
           paths_NxMxD, train_cfg.diversity_margin)
   return terms

@@ -41,8 +41,8 @@ def decay_mask(params: PyTree) -> PyTree:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, stage: schedules.Stage, *,
-                   router_pattern: str = models_base.ROUTER_PARAM_PATTERN
-                   ) -> optax.GradientTransformation:
+                   router_pattern: str = models_base.ROUTER_PARAM_PATTERN,
+                   learning_rate: optax.Schedule | None = None) -> optax.GradientTransformation:
   """The optimizer of `stage`; each stage starts a fresh state of it.
 
   Args:
@@ -50,6 +50,8 @@ def make_optimizer(config: ml_collections.ConfigDict, stage: schedules.Stage, *,
     stage: the stage; its `cfg` gives the learning-rate schedule and `freeze_routers`.
     router_pattern: regex on parameter paths that selects the routers (the model's
       `router_param_pattern`).
+    learning_rate: the schedule of the step count since the stage began; None gives
+      `schedules.lr_schedule(stage)` (a step shared by stages passes the active stage's).
 
   Returns:
     The optax transformation of the stage's updates.
@@ -60,7 +62,7 @@ def make_optimizer(config: ml_collections.ConfigDict, stage: schedules.Stage, *,
       optax.clip_by_global_norm(train_cfg.grad_clip_norm) if train_cfg.grad_clip_norm > 0
       else optax.identity(),
       optax.add_decayed_weights(train_cfg.weight_decay, mask=decay_mask),
-      optax.sgd(schedules.lr_schedule(stage), momentum=train_cfg.momentum,
+      optax.sgd(learning_rate or schedules.lr_schedule(stage), momentum=train_cfg.momentum,
                 nesterov=train_cfg.optimizer == "nesterov"),
   )
   if train_cfg.router_lr_multiplier != 1.0:

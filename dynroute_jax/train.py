@@ -1,9 +1,11 @@
 """Two-stage sharded training of routed models: the library function `train_and_evaluate`.
 
-One compiled train step per stage, with explicit in/out shardings over a device Mesh (data
-parallel by default, FSDP selectable), the state donated. Stage 1 and stage 2 differ in learning
-rate, temperature schedule, loss weights and (CoDiNet) frozen routers with hard decisions; each
-stage starts a fresh optimizer state and keeps the parameters. The pieces:
+One compiled train step serves every stage that has the same structure, with explicit in/out
+shardings over a device Mesh (data parallel by default, FSDP selectable), the state donated.
+Stage 1 and stage 2 differ in learning rate, temperature schedule and loss weights, which the
+shared step looks up by the stage its step counter lies in, and (CoDiNet) in frozen routers with
+hard decisions, which take a step of their own; each stage starts a fresh optimizer state and
+keeps the parameters. The pieces:
 
   * `workdir`: the checks of the work directory, all before anything is compiled or written.
   * `train_step`: the state, its initialisation and the step (`losses.total_loss` inside).
@@ -48,7 +50,8 @@ from dynroute_jax.optimizers import make_optimizer  # noqa: F401
 from dynroute_jax.schedules import (  # noqa: F401
     Stage, final_tau, lr_schedule, plan_stages, tau_schedule, training_splits)
 from dynroute_jax.train_step import (  # noqa: F401
-    STREAMS, TrainState, create_state, make_train_step, stream_key)
+    STREAMS, TrainState, create_state, make_shared_train_step, make_train_step, share_groups,
+    stream_key)
 
 # The work directory's checks under their earlier names.
 _prepare_workdir = workdir_lib.prepare_workdir
@@ -77,6 +80,8 @@ class _Run:
   test_ds: input_pipeline.Dataset
   ckpt: ckpt_lib.Checkpointer
   writer: Any  # A clu metric writer.
+  # The compiled steps, one per `train_step.share_groups` group, keyed by its first stage index.
+  compiled: dict[int, Any] = dataclasses.field(default_factory=dict)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -200,7 +205,11 @@ def _restore(run: _Run, step: int) -> TrainState:
 
 def _begin_stage(run: _Run, stage: Stage, state: TrainState | None, start_step: int
                  ) -> tuple[TrainState, Any, float]:
-  """(the state entering `stage`, its compiled step, compile seconds); built once per stage."""
+  """(the state entering `stage`, its compiled step, compile seconds).
+
+  The step is compiled once per group of stages that can share it (`train_step.share_groups`); a
+  later stage of a group reuses it (0 compile seconds).
+  """
   tx = optimizers.make_optimizer(run.config, stage,
                                  router_pattern=run.model.router_param_pattern)
   abstract, shardings, init = _create_state(run, stage, tx)
@@ -211,9 +220,16 @@ def _begin_stage(run: _Run, stage: Stage, state: TrainState | None, start_step: 
     # A new stage: keep parameters and statistics, start a fresh optimizer state.
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(state.params)
     state = state.replace(opt_state=opt_state)
+  group = next(g for g in train_step.share_groups(run.stages) if stage in g)
+  if group[0].index in run.compiled:
+    console.info(f"stage {stage.index}  reuses the train step compiled for stage {group[0].index}")
+    return state, run.compiled[group[0].index], 0.0
   compiled, compile_s = train_step.compile_step(
-      make_train_step(run.config, run.model, stage, tx), abstract, shardings, run.mesh, run.config)
-  console.info(f"stage {stage.index}  compiled the train step in {compile_s:.1f} s")
+      train_step.make_shared_train_step(run.config, run.model, group), abstract, shardings,
+      run.mesh, run.config)
+  run.compiled[group[0].index] = compiled
+  shared = "" if len(group) == 1 else f" (shared by stages {', '.join(str(g.index) for g in group)})"
+  console.info(f"stage {stage.index}  compiled the train step in {compile_s:.1f} s{shared}")
   return state, compiled, compile_s
 
 

@@ -12,7 +12,8 @@ Shape letters: B batch (examples fed to the model), I images, M views per image,
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+import types
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -95,12 +96,68 @@ def _model_inputs(batch: dict[str, Array], key: Array, data_cfg: ml_collections.
   return input_pipeline.augment(key, batch["image"], data_cfg), labels_I
 
 
+# Stage fields that change the step's graph: stages that differ in one never share a step.
+STRUCTURAL_FIELDS = ("freeze_routers", "hard_decisions")
+# Loss weights; stages may differ in them (and in every schedule) and still share one step.
+WEIGHT_FIELDS = ("resource_weight", "consistency_weight", "diversity_weight", "cost_weight",
+                 "aux_weight")
+
+
+def share_groups(stages: Sequence[schedules.Stage]) -> list[tuple[schedules.Stage, ...]]:
+  """The stages grouped by what one compiled step can serve, in order of their first stage.
+
+  Stages that agree on `STRUCTURAL_FIELDS` share a step: the learning rate, the temperature and
+  the drop-path rate are each stage's own schedule, chosen in the step by the stage the state's
+  step counter lies in, and the loss weights are looked up the same way. Compiling once instead of
+  once per stage halves the start-up of a two-stage run, which on XLA:CPU is mostly compilation.
+  """
+  groups: dict[tuple[Any, ...], list[schedules.Stage]] = {}
+  for stage in stages:
+    groups.setdefault(tuple(stage.cfg[f] for f in STRUCTURAL_FIELDS), []).append(stage)
+  return [tuple(g) for g in groups.values()]
+
+
+def _stage_index(stages: Sequence[schedules.Stage], step: Array) -> Array | int:
+  """Which of `stages` (sorted by start) the global `step` lies in; a Python 0 for one stage."""
+  if len(stages) == 1:
+    return 0
+  return sum((step >= s.start).astype(jnp.int32) for s in stages[1:])
+
+
+def _per_stage(index: Array | int, fns: Sequence[Callable[[Array], Array]], x: Array) -> Array:
+  """fns[index](x): each stage's own schedule, evaluated exactly as that stage alone would."""
+  if len(fns) == 1:
+    return fns[0](x)
+  return jax.lax.switch(index, fns, x)
+
+
+def _loss_weights(stages: Sequence[schedules.Stage], index: Array | int) -> types.SimpleNamespace:
+  """The active stage's loss weights: a Python float where the stages agree, else traced.
+
+  A weight that is 0 in every stage stays a Python 0, so its loss term is left out of the graph.
+  """
+  weights = {}
+  for f in WEIGHT_FIELDS:
+    values = [float(s.cfg[f]) for s in stages]
+    weights[f] = values[0] if len(set(values)) == 1 else jnp.asarray(values, jnp.float32)[index]
+  return types.SimpleNamespace(**weights)
+
+
 def _drop_path_rate(stage: schedules.Stage, step: Array) -> Array | float:
   """Drop-path rising linearly over the stage to its configured rate."""
   if stage.cfg.drop_path_rate <= 0:
     return 0.0  # A static 0 lets the model leave drop-path out of the graph entirely.
   frac = (step - stage.start).astype(jnp.float32) / max(stage.num_steps, 1)
   return stage.cfg.drop_path_rate * jnp.clip(frac, 0.0, 1.0)
+
+
+def _shared_drop_path_rate(stages: Sequence[schedules.Stage], index: Array | int, step: Array
+                           ) -> Array | float:
+  """The active stage's drop-path rate; a static 0 when no stage drops paths."""
+  if all(s.cfg.drop_path_rate <= 0 for s in stages):
+    return 0.0
+  fns = [lambda t, s=s: jnp.asarray(_drop_path_rate(s, t), jnp.float32) for s in stages]
+  return _per_stage(index, fns, step)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: schedules.Stage,
@@ -118,14 +175,57 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: 
     'loss/total', 'finite', 'grad_norm', 'accuracy', 'tau', 'lr', 'drop_path_rate',
     'macs_expected_mean', the model's `routing_stats` and `losses.saturation_stats`.
   """
-  tau_fn, lr_fn = schedules.tau_schedule(stage), schedules.lr_schedule(stage)
-  call_kwargs = model.train_call_kwargs(stage.cfg)
+  return _make_step(config, model, (stage,), lambda index: tx)
+
+
+def make_shared_train_step(config: ml_collections.ConfigDict, model: nn.Module,
+                           stages: Sequence[schedules.Stage]) -> StepFn:
+  """One train step serving every stage of `stages` (a group of `share_groups`).
+
+  The step finds its stage from the state's step counter and runs that stage's learning rate,
+  temperature, drop-path and loss weights, so a state of any of the stages gives what
+  `make_train_step` of that stage gives. Each stage still starts a fresh optimizer state (the
+  learning-rate schedule counts from it); a loss term is present in every stage if it is in any,
+  with weight 0 where it is off.
+
+  Args:
+    config: the run's config.
+    model: a `models_base.RoutedModel`.
+    stages: stages that agree on `STRUCTURAL_FIELDS`, sorted by start.
+
+  Returns:
+    The step, (state, batch, base_key) -> (state, metrics), metrics as in `make_train_step`.
+  """
+  stages = tuple(sorted(stages, key=lambda s: s.start))
+  for f in STRUCTURAL_FIELDS:
+    if len({s.cfg[f] for s in stages}) > 1:
+      raise ValueError(f"stages {[s.index for s in stages]} differ in {f}; they need a step each.")
+  lr_fns = [schedules.lr_schedule(s) for s in stages]
+
+  def tx_for(index):
+    lr = lambda count: _per_stage(index, lr_fns, count)
+    return optimizers.make_optimizer(config, stages[0], learning_rate=lr,
+                                     router_pattern=model.router_param_pattern)
+
+  return _make_step(config, model, stages, tx_for)
+
+
+def _make_step(config: ml_collections.ConfigDict, model: nn.Module,
+               stages: tuple[schedules.Stage, ...],
+               tx_for: Callable[[Array | int], optax.GradientTransformation]) -> StepFn:
+  """The step of `make_shared_train_step`; `tx_for(stage index)` gives the optimizer."""
+  tau_fns = [schedules.tau_schedule(s) for s in stages]
+  lr_fns = [schedules.lr_schedule(s) for s in stages]
+  starts = jnp.asarray([s.start for s in stages], jnp.int32)
+  call_kwargs = model.train_call_kwargs(stages[0].cfg)
 
   def step_fn(state: TrainState, batch: dict[str, Array], base_key: Array):
     step = state.step
+    index = _stage_index(stages, step)
     x_BxHxWxC, labels_B = _model_inputs(batch, stream_key(base_key, step, "augment"), config.data)
-    tau = tau_fn(step)
-    drop_path = _drop_path_rate(stage, step)
+    tau = _per_stage(index, tau_fns, step)
+    drop_path = _shared_drop_path_rate(stages, index, step)
+    weights = _loss_weights(stages, index)
     rngs = {"routing": stream_key(base_key, step, "routing"),
             "dropout": stream_key(base_key, step, "dropout")}
 
@@ -133,13 +233,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: 
       out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, x_BxHxWxC,
                                   train=True, tau=tau, drop_path_rate=drop_path, rngs=rngs,
                                   mutable=["batch_stats"], **call_kwargs)
-      total, terms = losses.total_loss(out, labels_B, stage.cfg, config.train,
+      total, terms = losses.total_loss(out, labels_B, weights, config.train,
                                        num_views=config.data.num_views, tau=tau)
       return total, (terms, out, new_vars["batch_stats"])
 
     (loss, (terms, out, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    new_state, finite, grad_norm = _apply_if_finite(state, tx, grads, loss, batch_stats)
+    new_state, finite, grad_norm = _apply_if_finite(state, tx_for(index), grads, loss, batch_stats)
     metrics = {f"loss/{k}": v for k, v in terms.items()}
     metrics.update({
         "loss/total": loss,
@@ -147,7 +247,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: 
         "grad_norm": grad_norm,
         "accuracy": jnp.mean(losses.correct_predictions(out.logits, labels_B)),
         "tau": tau,
-        "lr": lr_fn(step - stage.start),
+        "lr": _per_stage(index, lr_fns, step - starts[index]),
         "drop_path_rate": drop_path,
         "macs_expected_mean": jnp.mean(out.expected_macs),
         **model.routing_stats(out),

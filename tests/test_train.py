@@ -109,7 +109,8 @@ def test_drnet_two_stages_end_to_end(tiny_config, tmp_path):
   report, seen = _run_e2e(config, workdir)
   metrics = _check_e2e(config, workdir, report, seen)
   assert report["model"] == "drnet"
-  assert "loss/aux" in metrics[0] and "loss/resource" not in metrics[0]
+  # One step serves both stages: stage 1's resource term is there with weight 0.
+  assert "loss/aux" in metrics[0] and metrics[0]["loss/resource"] == 0.0
   assert "loss/resource" in metrics[3]  # Stage 2: DRNet-R-0.1.
   assert metrics[0]["tau"] == 3.0 and metrics[3]["tau"] <= 1.0
   assert all(f"branch_ratio/{k}" in metrics[0] for k in range(5))
@@ -154,6 +155,47 @@ def _direct(config, stage_index, num_train):
   tx = train.make_optimizer(config, stage, router_pattern=model.router_param_pattern)
   step = jax.jit(train.make_train_step(config, model, stage, tx), donate_argnums=(0,))
   return stage, state, step
+
+
+def test_stages_share_a_step_unless_their_structure_differs(tiny_config):
+  drnet = train.plan_stages(tiny_config("drnet"), 1000)
+  assert [tuple(s.index for s in g) for g in train.share_groups(drnet)] == [(1, 2)]
+  # CoDiNet's fine-tune freezes the routers and decides hard: a step of its own.
+  codinet = train.plan_stages(tiny_config("codinet"), 1000)
+  assert [tuple(s.index for s in g) for g in train.share_groups(codinet)] == [(1,), (2,)]
+  with pytest.raises(ValueError, match="freeze_routers"):
+    train.make_shared_train_step(tiny_config("codinet"), None, codinet)
+
+
+@pytest.mark.slow
+def test_shared_step_is_each_stages_own_step(tiny_config):
+  """At a state of either stage, the shared step gives what that stage's own step gives.
+
+  Up to float rounding: the shared graph holds terms a stage does not (a drop-path of rate 0, a
+  loss of weight 0), and XLA may fuse and reduce a different graph in another order.
+  """
+  config = tiny_config("drnet", batch=16, stage1_steps=3, stage2_steps=3)
+  config.train.stage2.drop_path_rate = 0.2  # A schedule only stage 2 has.
+  ds = input_pipeline.load_dataset(config.data, "train")
+  batch = input_pipeline.train_batch(ds, seed=0, step=0, global_batch_size=16)
+  model = models.build_model(config.model)
+  stages = train.plan_stages(config, len(ds))
+  shared = jax.jit(train.make_shared_train_step(config, model, stages))
+  key = jax.random.key(0)
+  for stage in stages:
+    _, state, own = _direct(config, stage.index, len(ds))
+    state = state.replace(step=jnp.asarray(stage.start + 1, jnp.int32))
+    want_state, want = own(jax.tree.map(jnp.copy, state), batch, key)
+    got_state, got = shared(state, batch, key)
+    got_params, want_params = _flat(got_state.params), _flat(want_state.params)
+    assert got_params.keys() == want_params.keys()
+    for k, v in want_params.items():
+      np.testing.assert_allclose(got_params[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    for k, v in want.items():
+      np.testing.assert_allclose(float(got[k]), float(v), rtol=1e-5, atol=1e-7, err_msg=k)
+    assert set(got) - set(want) == ({"loss/resource"} if stage.index == 1 else set())
+    assert float(got["tau"]) == (3.0 if stage.index == 1 else 1.0)
+    assert (float(got["drop_path_rate"]) > 0) == (stage.index == 2)
 
 
 @pytest.mark.slow
