@@ -8,6 +8,7 @@ median of their same-round ratios to a reference variant, plus the ratio of thei
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Mapping
 
@@ -54,3 +55,20 @@ def speedups(times: Mapping[str, list[float]], ref: str = "dense"
       paired = best = float("nan")
     out[name] = (med, paired, best)
   return out
+
+
+def ratio_range(times: Mapping[str, list[float]], name: str, ref: str = "dense"
+                ) -> tuple[float, float]:
+  """(lowest, highest) same-round ratio ref / name: the spread around `speedups`' median."""
+  if ref not in times:
+    return float("nan"), float("nan")
+  r = np.asarray(times[ref], np.float64) / np.asarray(times[name], np.float64)
+  return float(r.min()), float(r.max())
+
+
+def load_average() -> float:
+  """The 1-minute load average (NaN where the OS does not report one)."""
+  try:
+    return os.getloadavg()[0]
+  except (AttributeError, OSError):
+    return float("nan")

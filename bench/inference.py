@@ -16,7 +16,9 @@ Models:
   digits_codinet  the trained digits models (configs/digits.py:codinet / :drnet, 8x8x1 test
   digits_drnet    images) with their real routers; pass their work directories.
 
-r110 and drnet_s use random weights and controlled decisions (see `calibrate_codinet` and
+r110 and drnet_s use random weights with the BN statistics of their inference-time inputs
+(`recalibrate_batch_stats`: activations and logits of O(10), as in a trained network) and
+controlled decisions (see `calibrate_codinet` and
 `calibrate_drnet`): the routers' last dense layer is rewritten so that each routed unit runs for
 a per-example pseudo-random fraction p of the inputs (decisions still come from the model's own
 routers, on the actual activations). The digits models use their trained routers; the threshold
@@ -27,7 +29,10 @@ Batch 1 runs the example (of the calibration pool / test split) whose executed f
 closest to the target. Every strategy's logits and decisions are checked against 'dense'
 (`dlogit` = max |difference|, `agree` = fraction of equal decisions).
 
-Timings are interleaved (`bench/_timing.py`): every strategy once per round, shuffled; medians.
+Timings are interleaved (`bench/_timing.py`): every strategy once per round, shuffled; medians,
+and the spread of the same-round ratios (`eff_range`). The load average is printed at the start and
+the end; `--results FILE` appends the table to FILE only when the start's load average is at most
+`--max_load` (default 1.0: measure on an idle machine).
 
   python bench/inference.py                                   # everything (slow on a small CPU)
   python bench/inference.py --models r110 --batch 256 --fractions 0.5 --repeats 3 \
@@ -46,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,20 +158,78 @@ def init_variables(model: Any, shape: tuple[int, int, int], seed: int = 0) -> di
   return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
-def recalibrate_batch_stats(bench: Bench, variables: dict, x: jax.Array) -> dict:
-  """Sets every BN's running statistics to its statistics on `x` in one training-mode pass.
+def batch_norm_input_stats(model: Any, variables: dict, x: jax.Array, **call: Any) -> dict:
+  """{BN module path: (mean [C], var [C])} of each BatchNorm's input in one inference pass on x.
 
-  With random weights and unit running variances the activations of a 110-layer residual net
-  grow to ~1e10 in inference mode; statistics from a real forward pass keep them O(1), as in a
-  trained model. CoDiNet's BN momentum is 0.9: new = 0.9 old + 0.1 batch.
+  In that pass every BatchNorm normalises with the statistics of its own input instead of its
+  running ones, so each layer sees what it would see in inference with the returned statistics
+  installed. `call` holds the model's keyword arguments (train=False is added).
   """
   def f(v, x):
-    _, state = bench.model.apply(v, x, train=True, tau=1.0, mutable=["batch_stats"],
-                                 rngs={"routing": jax.random.key(1), "dropout": jax.random.key(2)})
-    return state["batch_stats"]
-  new = jax.jit(f)(variables, x)
-  stats = jax.tree_util.tree_map(lambda n, o: (n - 0.9 * o) / 0.1, new, variables["batch_stats"])
-  return {**variables, "batch_stats": stats}
+    stats = {}
+
+    def intercept(next_fun, args, kwargs, context):
+      bn = context.module
+      if not (isinstance(bn, nn.BatchNorm) and context.method_name == "__call__"):
+        return next_fun(*args, **kwargs)
+      h = args[0].astype(jnp.float32)
+      axes = tuple(range(h.ndim - 1))
+      mean, var = jnp.mean(h, axes), jnp.var(h, axes)
+      stats[bn.path] = (mean, var)
+      y = (h - mean) * jax.lax.rsqrt(var + bn.epsilon)
+      if bn.use_scale:
+        y = y * bn.get_variable("params", "scale")
+      if bn.use_bias:
+        y = y + bn.get_variable("params", "bias")
+      return y
+
+    with nn.intercept_methods(intercept):
+      model.apply(v, x, train=False, **call)
+    return stats
+
+  return jax.jit(f)(variables, x)
+
+
+def recalibrate_batch_stats(model: Any, variables: dict, x: jax.Array, **call: Any) -> dict:
+  """`variables` with every BN's running statistics set to its inference-time input statistics.
+
+  Random weights with unit running variances let the activations of a deep routed net grow by
+  orders of magnitude (ResNet-110: ~1e10; router logits above 1e4), and statistics collected in
+  training mode do not fix it: training mixes branches with soft, noisy gates, so inference with
+  hard decisions feeds every layer other inputs. A trained network's running statistics are
+  (nearly) the statistics of its inference-time inputs, which `batch_norm_input_stats` measures
+  with every branch / block running (`threshold=None`).
+  """
+  stats = batch_norm_input_stats(model, variables, x, **call)
+  new = jax.tree_util.tree_map(lambda a: a, variables["batch_stats"])  # A copy to write into.
+  for path, (mean, var) in stats.items():
+    node = new
+    for name in path:
+      node = node[name]
+    node["mean"], node["var"] = mean, var
+  return {**variables, "batch_stats": new}
+
+
+def activation_scale(model: Any, variables: dict, x: jax.Array, **call: Any) -> dict[str, float]:
+  """Magnitudes that tell a numerically sane network: the largest |BN output| and |logit|.
+
+  (Not for models under `nn.scan`: the interception cannot reach into it.)
+  """
+  def f(v, x):
+    peaks = []
+
+    def intercept(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+        peaks.append(jnp.max(jnp.abs(out)))
+      return out
+
+    with nn.intercept_methods(intercept):
+      out = model.apply(v, x, train=False, **call)
+    return jnp.max(jnp.stack(peaks)), jnp.max(jnp.abs(out.logits))
+
+  bn, logits = jax.jit(f)(variables, x)
+  return {"bn_out_max": float(bn), "logit_max": float(logits)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,7 +367,12 @@ def calibrate_drnet(bench: Bench, variables: dict, x_cal: jax.Array, p: float, t
 
 
 def build_controlled(name: str, args) -> tuple[Bench, dict, float]:
-  """Bench, base variables and threshold of r110 / drnet_s (random weights)."""
+  """Bench, base variables and threshold of r110 / drnet_s (random weights, sane statistics).
+
+  The BN statistics come from `recalibrate_batch_stats` on random images; for ResNet-110 on its
+  unscanned twin (the interception it uses cannot reach into `nn.scan`), whose variables are then
+  stacked into the scanned layout that is timed.
+  """
   from configs import codinet_cifar10, drnet_cifar10  # pylint: disable=g-import-not-at-top
   if name == "r110":
     cfg = codinet_cifar10.get_config("resnet110")
@@ -315,10 +384,22 @@ def build_controlled(name: str, args) -> tuple[Bench, dict, float]:
   model = models.build_model(cfg.model)
   shape = (32, 32, 3)
   bench = Bench(name, model, cfg.model.name, shape, tau=1.0)
-  variables = init_variables(model, shape)
+  x_stats = random_images(jax.random.key(7), 64, shape)
+  call = dict(tau=1.0, threshold=None, strategy="dense")
   if name == "r110":
-    variables = recalibrate_batch_stats(bench, variables,
-                                        random_images(jax.random.key(7), 64, shape))
+    twin_cfg = cfg.model.copy_and_resolve_references()
+    twin_cfg.scan_blocks = False
+    twin = models.build_model(twin_cfg)
+    twin_vars = recalibrate_batch_stats(twin, init_variables(twin, shape), x_stats, **call)
+    variables = {c: codinet_lib.unscanned_to_scanned(v, cfg.model.variant)
+                 for c, v in twin_vars.items()}
+    scale = activation_scale(twin, twin_vars, random_images(jax.random.key(8), 64, shape), **call)
+  else:
+    variables = recalibrate_batch_stats(model, init_variables(model, shape), x_stats, **call)
+    scale = activation_scale(model, variables, random_images(jax.random.key(8), 64, shape), **call)
+  print(f"# {name}: random weights, BN statistics from inference-mode inputs; on other images "
+        f"max |BN output| {scale['bn_out_max']:.3g}, max |logit| {scale['logit_max']:.3g}",
+        flush=True)
   return bench, variables, threshold
 
 
@@ -377,11 +458,12 @@ def threshold_for_fraction(bench: Bench, variables: dict, x: jax.Array, p: float
 
 
 HEADER = (f"{'model':<15} {'batch':>5} {'target':>6} {'frac':>5} {'T':>6} {'strategy':<12} "
-          f"{'ms':>9} {'img/s':>9} {'speedup':>7} {'ideal':>6} {'eff':>5} {'eff_best':>8} "
-          f"{'compile_s':>9} {'dlogit':>8} {'agree':>6}")
+          f"{'ms':>9} {'img/s':>9} {'speedup':>7} {'ideal':>6} {'eff':>5} {'eff_range':>9} "
+          f"{'eff_best':>8} {'compile_s':>9} {'dlogit':>8} {'agree':>6}")
 
 
-def run_model(name: str, args, rng: np.random.Generator) -> None:
+def run_model(name: str, args, rng: np.random.Generator, emit: Callable[[str], None]) -> None:
+  """Times every strategy on `name` at each batch and level; `emit` gets each printed line."""
   t0 = time.perf_counter()
   levels = {}  # p -> (variables, threshold, x_pool for batch 1, pool fractions)
   if name in ("r110", "drnet_s"):
@@ -408,9 +490,9 @@ def run_model(name: str, args, rng: np.random.Generator) -> None:
     def batch_x(b):
       idx = np.arange(b) % x_all.shape[0]
       return x_all[idx]
-  print(f"# {name}: {bench.kind}, input {bench.image_shape}, tau {bench.tau:.3f}, setup "
-        f"{time.perf_counter() - t0:.0f} s; calibration-set routed fraction per level: "
-        + ", ".join(f"{p}: {fr.mean():.3f}" for p, (_, _, _, fr) in levels.items()), flush=True)
+  emit(f"# {name}: {bench.kind}, input {bench.image_shape}, tau {bench.tau:.3f}, setup "
+       f"{time.perf_counter() - t0:.0f} s; calibration-set routed fraction per level: "
+       + ", ".join(f"{p}: {fr.mean():.3f}" for p, (_, _, _, fr) in levels.items()))
 
   for b in args.batch:
     compiled, compile_s = {}, {}
@@ -438,12 +520,13 @@ def run_model(name: str, args, rng: np.random.Generator) -> None:
       stats = _timing.speedups(times, "dense")
       for s in args.strategies:
         med, paired, best = stats[s]
+        lo, hi = _timing.ratio_range(times, s, "dense")
         dlogit = float(np.max(np.abs(np.asarray(outs[s]["logits"]) - np.asarray(ref["logits"]))))
         agree = float(np.mean(np.asarray(outs[s]["executed"]) == np.asarray(ref["executed"])))
-        print(f"{name:<15} {b:>5} {p:>6.2f} {frac:>5.2f} {thr:>6.3f} {s:<12} {med * 1e3:>9.2f} "
-              f"{b / med:>9.1f} {paired:>7.2f} {ideal:>6.2f} {paired / ideal:>5.2f} "
-              f"{best / ideal:>8.2f} {compile_s[s]:>9.1f} {dlogit:>8.1e} {agree:>6.3f}",
-              flush=True)
+        emit(f"{name:<15} {b:>5} {p:>6.2f} {frac:>5.2f} {thr:>6.3f} {s:<12} {med * 1e3:>9.2f} "
+             f"{b / med:>9.1f} {paired:>7.2f} {ideal:>6.2f} {paired / ideal:>5.2f} "
+             f"{f'{lo / ideal:.2f}-{hi / ideal:.2f}':>9} {best / ideal:>8.2f} "
+             f"{compile_s[s]:>9.1f} {dlogit:>8.1e} {agree:>6.3f}")
 
 
 def main(argv=None):
@@ -459,17 +542,48 @@ def main(argv=None):
                   help="calibration batch of the controlled decisions (r110, drnet_s)")
   ap.add_argument("--digits_codinet_workdir", default="")
   ap.add_argument("--digits_drnet_workdir", default="")
+  ap.add_argument("--results", default="",
+                  help="markdown file to append the table to (e.g. bench/RESULTS.md); only when "
+                       "the load average at the start is at most --max_load")
+  ap.add_argument("--max_load", type=float, default=1.0,
+                  help="highest 1-minute load average at the start a recorded table may have")
   args = ap.parse_args(argv)
   rng = np.random.default_rng(0)
-  print(f"platform: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
-        f"{os.cpu_count()} CPUs; auto -> "
-        f"{[dispatch.default_strategy(jax.default_backend(), b) for b in args.batch]} for batch "
-        f"{args.batch}")
-  print("frac = routed MACs executed / routed MACs (dense run of the timed batch); ideal and eff "
-        "count all MACs (fixed parts included)")
-  print(HEADER, flush=True)
+  load_start = _timing.load_average()
+  lines: list[str] = []
+
+  def emit(line: str) -> None:
+    print(line, flush=True)
+    lines.append(line)
+
+  emit(f"platform: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax "
+       f"{jax.__version__}, {os.cpu_count()} CPUs; auto -> "
+       f"{[dispatch.default_strategy(jax.default_backend(), b) for b in args.batch]} for batch "
+       f"{args.batch}")
+  emit(f"load average {load_start:.2f} at the start (an idle machine reads below ~1)")
+  emit("frac = routed MACs executed / routed MACs (dense run of the timed batch); ideal and eff "
+       "count all MACs (fixed parts included); eff = median of same-round ratios / ideal, "
+       "eff_range = lowest-highest same-round ratio / ideal")
+  emit(HEADER)
   for name in args.models:
-    run_model(name, args, rng)
+    run_model(name, args, rng, emit)
+  emit(f"load average {_timing.load_average():.2f} at the end")
+  if args.results:
+    _record(args.results, lines, load_start, args.max_load, argv)
+
+
+def _record(path: str, lines: list[str], load_start: float, max_load: float,
+            argv: list[str] | None) -> None:
+  """Appends the table to `path`, unless the machine was busy when the run began."""
+  if not load_start <= max_load:
+    print(f"Not writing {path}: the load average was {load_start:.2f} at the start, above "
+          f"--max_load={max_load}. Rerun on an idle machine.", flush=True)
+    return
+  command = " ".join(["python bench/inference.py", *(sys.argv[1:] if argv is None else argv)])
+  with open(path, "a") as f:
+    f.write(f"\n## Inference skipping efficiency ({time.strftime('%Y-%m-%d')})\n\n"
+            f"`{command}`\n\n```\n" + "\n".join(lines) + "\n```\n")
+  print(f"Appended the table to {path}.", flush=True)
 
 
 if __name__ == "__main__":
