@@ -198,6 +198,24 @@ def test_shared_step_is_each_stages_own_step(tiny_config):
     assert (float(got["drop_path_rate"]) > 0) == (stage.index == 2)
 
 
+def test_state_initializer_gives_the_models_initial_variables(tiny_config):
+  """The initializer is compiled at a low optimisation level (`INIT_COMPILER_OPTIONS`): same values."""
+  config = tiny_config("codinet")
+  model = models.build_model(config.model)
+  stage = train.plan_stages(config, 1000)[0]
+  _, _, init = train.create_state(config, model, sharding.make_mesh(config.mesh), stage,
+                                  (1, 8, 8, 1), sharding.RULES["replicated"])
+  state = init()
+  key = jax.random.fold_in(jax.random.key(config.seed), train.STREAMS["init"])
+  want = jax.jit(lambda k: model.init({"params": k, "routing": k, "dropout": k},
+                                      jnp.zeros((1, 8, 8, 1)), train=False))(key)
+  got, expected = _flat(state.params), _flat(want["params"])
+  assert got.keys() == expected.keys()
+  for k, v in expected.items():
+    np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+  assert int(state.step) == stage.start
+
+
 @pytest.mark.slow
 def test_tiny_model_overfits_a_fixed_batch(tiny_config):
   config = tiny_config("codinet", "digits", batch=32)
