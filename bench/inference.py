@@ -366,8 +366,8 @@ def calibrate_drnet(bench: Bench, variables: dict, x_cal: jax.Array, p: float, t
 # ------------------------------------------------------------------------------------------------
 
 
-def build_controlled(name: str, args) -> tuple[Bench, dict, float]:
-  """Bench, base variables and threshold of r110 / drnet_s (random weights, sane statistics).
+def build_controlled(name: str, args) -> tuple[Bench, dict, float, str]:
+  """Bench, base variables, threshold and a note on their scale, of r110 / drnet_s (random weights).
 
   The BN statistics come from `recalibrate_batch_stats` on random images; for ResNet-110 on its
   unscanned twin (the interception it uses cannot reach into `nn.scan`), whose variables are then
@@ -397,10 +397,9 @@ def build_controlled(name: str, args) -> tuple[Bench, dict, float]:
   else:
     variables = recalibrate_batch_stats(model, init_variables(model, shape), x_stats, **call)
     scale = activation_scale(model, variables, random_images(jax.random.key(8), 64, shape), **call)
-  print(f"# {name}: random weights, BN statistics from inference-mode inputs; on other images "
-        f"max |BN output| {scale['bn_out_max']:.3g}, max |logit| {scale['logit_max']:.3g}",
-        flush=True)
-  return bench, variables, threshold
+  note = (f"# {name}: random weights, BN statistics from inference-mode inputs; on other images "
+          f"max |BN output| {scale['bn_out_max']:.3g}, max |logit| {scale['logit_max']:.3g}")
+  return bench, variables, threshold, note
 
 
 def build_digits(name: str, workdir: str) -> tuple[Bench, dict, np.ndarray]:
@@ -467,7 +466,8 @@ def run_model(name: str, args, rng: np.random.Generator, emit: Callable[[str], N
   t0 = time.perf_counter()
   levels = {}  # p -> (variables, threshold, x_pool for batch 1, pool fractions)
   if name in ("r110", "drnet_s"):
-    bench, variables, threshold = build_controlled(name, args)
+    bench, variables, threshold, note = build_controlled(name, args)
+    emit(note)
     x_cal = random_images(jax.random.key(11), args.calib_batch, bench.image_shape)
     for p in args.fractions:
       if bench.kind == "codinet":
