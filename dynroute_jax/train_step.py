@@ -184,7 +184,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, stage: 
     'loss/total', 'finite', 'grad_norm', 'accuracy', 'tau', 'lr', 'drop_path_rate',
     'macs_expected_mean', the model's `routing_stats` and `losses.saturation_stats`.
   """
-  return _make_step(config, model, (stage,), lambda index: tx)
+  return _make_step(config, model, (stage,), lambda lr: tx)
 
 
 def make_shared_train_step(config: ml_collections.ConfigDict, model: nn.Module,
@@ -209,10 +209,7 @@ def make_shared_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   for f in STRUCTURAL_FIELDS:
     if len({s.cfg[f] for s in stages}) > 1:
       raise ValueError(f"stages {[s.index for s in stages]} differ in {f}; they need a step each.")
-  lr_fns = [schedules.lr_schedule(s) for s in stages]
-
-  def tx_for(index):
-    lr = lambda count: _per_stage(index, lr_fns, count)
+  def tx_for(lr):
     return optimizers.make_optimizer(config, stages[0], learning_rate=lr,
                                      router_pattern=model.router_param_pattern)
 
@@ -221,8 +218,9 @@ def make_shared_train_step(config: ml_collections.ConfigDict, model: nn.Module,
 
 def _make_step(config: ml_collections.ConfigDict, model: nn.Module,
                stages: tuple[schedules.Stage, ...],
-               tx_for: Callable[[Array | int], optax.GradientTransformation]) -> StepFn:
-  """The step of `make_shared_train_step`; `tx_for(stage index)` gives the optimizer."""
+               tx_for: Callable[[optax.Schedule], optax.GradientTransformation]) -> StepFn:
+  """The step of `make_shared_train_step`; `tx_for(the active stage's lr schedule)` gives the
+  optimizer."""
   tau_fns = [schedules.tau_schedule(s) for s in stages]
   lr_fns = [schedules.lr_schedule(s) for s in stages]
   starts = jnp.asarray([s.start for s in stages], jnp.int32)
@@ -248,7 +246,8 @@ def _make_step(config: ml_collections.ConfigDict, model: nn.Module,
 
     (loss, (terms, out, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    new_state, finite, grad_norm = _apply_if_finite(state, tx_for(index), grads, loss, batch_stats)
+    tx = tx_for(lambda count: _per_stage(index, lr_fns, count))
+    new_state, finite, grad_norm = _apply_if_finite(state, tx, grads, loss, batch_stats)
     metrics = {f"loss/{k}": v for k, v in terms.items()}
     metrics.update({
         "loss/total": loss,
