@@ -53,6 +53,7 @@ def configure_for_program(verbosity_given: bool | None = None) -> bool:
     Whether the program runs verbose.
   """
   global _verbose
+  _route_teardown_noise()
   if verbosity_given is None:
     from absl import flags  # pylint: disable=g-import-not-at-top
     verbosity_given = bool(flags.FLAGS["verbosity"].present)
@@ -70,7 +71,75 @@ def configure_for_program(verbosity_given: bool | None = None) -> bool:
   for name in QUIET_LOGGERS:
     if name not in chosen:  # An explicit --logger_levels=name:LEVEL wins.
       py_logging.getLogger(name).setLevel(py_logging.WARNING)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OneLineLibraryTracebacks) for f in handler.filters):
+    handler.addFilter(_OneLineLibraryTracebacks())
   return False
+
+
+class _OneLineLibraryTracebacks(py_logging.Filter):
+  """Drops the traceback of the libraries' warnings and errors: one line each by default.
+
+  A failed save makes orbax log the same OSError from half a dozen threads, 30 lines each, before
+  the program's own one-line error names it; `-v 0` shows them in full.
+  """
+
+  _OWN = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.exc_info and not os.path.abspath(record.pathname).startswith(self._OWN):
+      kind = record.exc_info[0].__name__ if record.exc_info[0] else "exception"
+      record.msg = f"{record.getMessage()} ({kind}; -v 0 shows the traceback)"
+      record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
+# Unraisable exceptions that orbax's asynchronous saves leave behind once a save has failed:
+# tensorstore completes the writes still in flight and calls back into event loops and executors
+# that orbax has already closed. Each is a harmless multi-line traceback, printed hundreds of
+# times from other threads, in the middle of the progress lines and the final error.
+_TEARDOWN_NOISE = ("Event loop is closed", "cannot schedule new futures after")
+teardown_noise_count = 0  # How many such exceptions were routed to the debug log.
+
+
+def _route_teardown_noise() -> None:
+  """Sends `_TEARDOWN_NOISE` exceptions to absl's debug log (`-v 1`); others print as usual."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_dynroute_teardown", False):
+    return
+
+  def hook(unraisable) -> None:
+    global teardown_noise_count
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and any(m in str(value) for m in _TEARDOWN_NOISE):
+      teardown_noise_count += 1
+      logging.debug("Ignored after a failed asynchronous save: %r", value)
+      return
+    previous(unraisable)
+
+  hook._dynroute_teardown = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
+def final_error(message: str) -> None:
+  """Prints `message` as the program's last console line and keeps the teardown quiet after it.
+
+  The line is written with one call, on a line of its own, so that other threads' output cannot
+  split it. Afterwards only the Python interpreter's own shutdown runs; whatever the libraries say
+  while their background threads wind down (orbax errors about the save that already failed,
+  never-awaited coroutines) goes to absl's debug log instead of after the message.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  sys.stderr.write(message + "\n")
+  sys.stderr.flush()
+  logging.set_verbosity(logging.FATAL)
+  for name in QUIET_LOGGERS:
+    py_logging.getLogger(name).setLevel(py_logging.CRITICAL)
+  sys.unraisablehook = lambda unraisable: logging.debug("After the error: %r",
+                                                        unraisable.exc_value)
+  import warnings  # pylint: disable=g-import-not-at-top
+  warnings.simplefilter("ignore")
 
 
 def import_quietly(name: str) -> types.ModuleType | None:
@@ -155,5 +224,5 @@ def step_line(stage: int, done: int, total: int, metrics: Mapping[str, float],
   return "  ".join(parts)
 
 
-__all__ = ["QUIET_LOGGERS", "configure_for_program", "format_duration", "import_quietly", "info",
-           "is_verbose", "step_line"]
+__all__ = ["QUIET_LOGGERS", "configure_for_program", "final_error", "format_duration",
+           "import_quietly", "info", "is_verbose", "step_line"]

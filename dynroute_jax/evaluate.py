@@ -234,7 +234,7 @@ def main(argv):
                               plots=FLAGS.plots, instance_awareness=FLAGS.instance_awareness,
                               noise_stds=noise, tsne_max_points=FLAGS.tsne_max_points)
   except (ValueError, ckpt_lib.CheckpointError) as e:
-    print(f"evaluate: error: {e}", file=sys.stderr)
+    console.final_error(f"evaluate: error: {e}")
     sys.exit(2)
   console.info(f"Wrote {report['report_file']}")
 

@@ -66,7 +66,8 @@ def main(argv):
 def _fail(error: BaseException, status: int) -> None:
   """Logs the traceback (for bug reports), then ends with the message alone as the last line."""
   logging.info("Stopping on %s:", type(error).__name__, exc_info=error)
-  print(f"main: error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+  from dynroute_jax import console
+  console.final_error(f"main: error: {type(error).__name__}: {error}")
   sys.exit(status)
 
 

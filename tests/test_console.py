@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging as py_logging
 import os
 import re
 import subprocess
@@ -60,6 +61,50 @@ def test_compile_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv(compile_cache.ENV_VAR, off)
     assert compile_cache.resolve_dir() is None
   assert compile_cache.resolve_dir(tmp_path / "d") == str(tmp_path / "d")
+
+
+class _RaisesWhenCollected:
+  """Raises from `__del__`: Python reports it through `sys.unraisablehook`."""
+
+  def __init__(self, error: Exception):
+    self.error = error
+
+  def __del__(self):
+    raise self.error
+
+
+def test_teardown_noise_of_a_failed_save_stays_off_the_console(monkeypatch, capsys):
+  # What tensorstore's callbacks raise, hundreds of times, once orbax has closed a failed save's
+  # event loop (tests/test_faults.py::test_disk_full_during_save_then_resume runs the real one).
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  console._route_teardown_noise()  # pylint: disable=protected-access
+  console._route_teardown_noise()  # Idempotent: the programs configure once each.
+  before = console.teardown_noise_count
+  _RaisesWhenCollected(RuntimeError("Event loop is closed"))
+  _RaisesWhenCollected(RuntimeError("cannot schedule new futures after shutdown"))
+  assert console.teardown_noise_count == before + 2
+  assert capsys.readouterr().err == ""
+  _RaisesWhenCollected(ValueError("a real bug"))  # Anything else is printed as usual.
+  assert "a real bug" in capsys.readouterr().err
+
+
+def test_library_tracebacks_are_one_line_unless_verbose(tmp_path):
+  library = py_logging.LogRecord("orbax", py_logging.ERROR, "/site-packages/orbax/future.py", 1,
+                                 "thread %s failed", ("save",), _exc_info(OSError(28, "disk")))
+  own = py_logging.LogRecord("absl", py_logging.ERROR, console.__file__, 1, "stopping", None,
+                             _exc_info(OSError(28, "disk")))
+  quiet = console._OneLineLibraryTracebacks()  # pylint: disable=protected-access
+  assert quiet.filter(library) and quiet.filter(own)
+  assert (library.getMessage(), library.exc_info) == (
+      "thread save failed (OSError; -v 0 shows the traceback)", None)
+  assert own.exc_info is not None  # The program's own records keep theirs.
+
+
+def _exc_info(error: Exception):
+  try:
+    raise error
+  except OSError:
+    return sys.exc_info()
 
 
 @pytest.mark.slow

@@ -311,6 +311,10 @@ def test_disk_full_during_save_then_resume(reference, cache_dir, tmp_path):
   last = error_line(run)
   print(last)  # Quoted in the README.
   assert last.startswith("main: error: CheckpointSaveError: saving checkpoint step 4"), last
+  # The message is the last line, whole: orbax's threads, still winding down the failed save,
+  # used to print hundreds of closed-event-loop tracebacks around and into it.
+  assert run.text.rstrip().splitlines()[-1] == last, run.tail()
+  assert "Event loop is closed" not in run.text, run.tail()
   assert "No space left on device" in last and "earlier checkpoints are untouched" in last
   assert good_steps(workdir) == [2]
   run = run_to_end(cache_dir, workdir)
