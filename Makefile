@@ -18,6 +18,6 @@ demo: install
 	$(BIN)/python -m dynroute_jax.main --config=configs/digits.py --workdir=$(WORKDIR)
 
 test: install
-	$(BIN)/python -m pytest -n auto -q tests
+	$(BIN)/python -m pytest -n auto --dist loadgroup -q tests
 
 .PHONY: install demo test

@@ -1,6 +1,8 @@
 """Shared test fixtures: quiet TensorFlow logging, a shared compilation cache, and a factory of tiny
 training configs."""
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import pathlib
@@ -79,3 +81,41 @@ def make_tiny_config(model: str = "codinet", dataset: str = "digits", *, stage1_
 def tiny_config():
   """The `make_tiny_config` factory."""
   return make_tiny_config
+
+
+@contextlib.contextmanager
+def shared_across_workers(tmp_path_factory, name: str):
+  """(folder, done) for a result every pytest-xdist worker of this run may reuse; yields locked.
+
+  The first worker to enter builds the result in `folder` and the others wait, then find
+  `done` True. The folder lives in the run's shared temporary root under xdist, in this process's
+  own one otherwise; `done` turns True only when the block ends without an error.
+  """
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  folder = root / f"shared_{name}"
+  folder.mkdir(exist_ok=True)
+  with open(root / f"shared_{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    marker = folder / ".done"
+    yield folder, marker.exists()
+    marker.touch()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+  """The compilation cache of the command-line runs: the suite's when there is one."""
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="session")
+def reference(cache_dir, tmp_path_factory):
+  """tests/test_faults.py's uninterrupted run, (work directory, final parameters): made once per
+  test run and shared by the fault, reliability and soak tests of every worker. Tests copy the
+  work directory before changing anything in it."""
+  import test_faults  # pylint: disable=g-import-not-at-top
+  with shared_across_workers(tmp_path_factory, "reference") as (folder, done):
+    workdir = folder / "run"
+    if not done:
+      test_faults.reference_run(cache_dir, workdir)
+  return workdir, test_faults.final_params(workdir)

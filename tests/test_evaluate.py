@@ -28,6 +28,9 @@ from dynroute_jax import train
 from dynroute_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One pytest-xdist worker runs the module (`--dist loadgroup`, Makefile): the `run` fixture's
+# evaluation is made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("evaluate_run")
 
 
 def _load_digits_config_module():
@@ -47,9 +50,18 @@ PER_THRESHOLD_KEYS = ("accuracy", "macs_mean", "macs_median", "macs_p90", "param
 
 
 def small_config(variant="drnet"):
+  """The digits config with 3 + 2 steps; DRNet with 2 nodes per cell and 4 channels.
+
+  The shrunk model keeps what evaluation touches (cells, nodes fed by earlier nodes, all five
+  branches, routers) at about a third of the full digits DRNet's inference graphs, whose compiles
+  dominate every test that evaluates.
+  """
   cfg = digits.get_config(variant)
   cfg.train.stage1.steps = 3
   cfg.train.stage2.steps = 2
+  if variant == "drnet":
+    cfg.model.num_nodes = 2
+    cfg.model.init_channels = 4
   return cfg
 
 
@@ -100,11 +112,12 @@ def test_report_keys_and_files(run):
   for k in REQUIRED_KEYS:
     assert k in report, k
   assert set(report["thresholds"]) == {"0.3", "0.5", "0.8", "1"}
-  assert report["site_shape"] == [3, 8, 5] and report["branch_names"] == list(models.drnet.BRANCHES)
+  # [cells, connections (2 inputs x 2 nodes), branches]
+  assert report["site_shape"] == [3, 4, 5] and report["branch_names"] == list(models.drnet.BRANCHES)
   for s in report["thresholds"].values():
     for k in PER_THRESHOLD_KEYS:
       assert k in s, k
-    assert np.asarray(s["branch_selection"]).shape == (3, 8, 5)  # [cells, connections, branches]
+    assert np.asarray(s["branch_selection"]).shape == (3, 4, 5)
   assert report["step"] == 5 and report["checkpoint"]["stage"] == 2
   out = os.path.join(run["workdir"], "eval")
   with open(os.path.join(out, "report.json")) as f:
@@ -245,7 +258,7 @@ def test_parameters_of_another_shape_without_a_recorded_fingerprint(tmp_path):
   wd = str(tmp_path / "shapes")
   cfg = small_config()
   other = small_config()
-  other.model.init_channels = 4
+  other.model.init_channels = 6
   abstract = jax.eval_shape(lambda: init_variables(other)[1])
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
   save_run(wd, cfg, zeros, steps=((5, 2, False),), fingerprint=None)
@@ -329,7 +342,7 @@ def test_selection_ratios_and_codinet_plot(tmp_path):
   # The models lay out the selection ratios of a pass (`evaluation.summarize` asks them).
   drnet = models.build_model(small_config("drnet").model)
   site_shape = drnet.routing_site_shape((8, 8))
-  assert site_shape == (3, 8, 5)
+  assert site_shape == (3, 4, 5)
   ex = np.zeros((4, int(np.prod(site_shape))), bool)
   ex[:2, 0] = True
   r = drnet.selection_ratios(ex)

@@ -48,12 +48,6 @@ STEP_LINE = re.compile(r"\] \[(\d+)\] .*loss/total")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-  # The suite's shared cache (tests/conftest.py) when there is one: other tests compile this config.
-  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
-
-
 def _env(cache_dir: str) -> dict[str, str]:
   env = dict(os.environ)
   env.update({"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache_dir,
@@ -170,13 +164,10 @@ def good_steps(workdir) -> list[int]:
     ckpt.close()
 
 
-@pytest.fixture(scope="module")
-def reference(cache_dir, tmp_path_factory):
-  """An uninterrupted run: its work directory and final parameters."""
-  workdir = tmp_path_factory.mktemp("reference") / "run"
+def reference_run(cache_dir, workdir) -> None:
+  """An uninterrupted run into `workdir`: the `reference` fixture's (tests/conftest.py)."""
   run = run_to_end(cache_dir, workdir)
   assert "Resumed" not in run.text
-  return workdir, final_params(workdir)
 
 
 def test_same_seed_bitwise_identical(reference, cache_dir, tmp_path):

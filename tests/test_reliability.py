@@ -19,7 +19,7 @@ import time
 import pytest
 
 from test_faults import (RUN_TIMEOUT_S, TOTAL_STEPS, Run, _damage, assert_bitwise_equal,  # pylint: disable=g-bad-import-order,unused-import
-                         cache_dir, error_line, final_params, good_steps, reference, run_to_end)
+                         error_line, final_params, good_steps, run_to_end)
 from test_validation import snapshot  # pylint: disable=g-bad-import-order
 
 from dynroute_jax import workdir_lock

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from test_faults import (TOTAL_STEPS, Run, assert_bitwise_equal,  # pylint: disable=g-bad-import-order,unused-import
-                         cache_dir, final_params, reference, run_to_end)
+                         final_params, run_to_end)
 
 from dynroute_jax import checkpoint as ckpt_lib
 
