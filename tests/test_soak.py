@@ -14,7 +14,7 @@ bitwise and the next round starts a fresh work directory; the last one is run to
 
 Bounded in time: after the first MIN_ROUNDS rounds (one of each kind), no new round starts once
 the next one would end past DYNROUTE_SOAK_SECONDS (default 120 s) after the test started (the
-reference run included).
+reference run included when this test is the first to need it: it is shared, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ MIN_ROUNDS = len(KINDS)
 
 @pytest.fixture(scope="module")
 def soak_clock() -> float:
-  """When the soak started: requested before `reference`, so its run counts."""
+  """When the soak started: requested before `reference`, so its run counts if made here."""
   return time.monotonic()
 
 
