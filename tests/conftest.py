@@ -10,22 +10,6 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# XLA:CPU at optimisation level 0 for the whole suite: LLVM's optimisation passes are most of the
-# compile time of these tiny models, which run few steps (measured: the CoDiNet and DRNet modules'
-# cold run 310 s -> 250 s on 2 cores). The numbers are XLA's either way; both sides of every
-# comparison use the same flags. DYNROUTE_TEST_XLA_OPT=full tests with the default optimisation.
-TEST_XLA_FLAGS = ("" if os.environ.get("DYNROUTE_TEST_XLA_OPT") == "full"
-                  else "--xla_backend_optimization_level=0")
-
-
-def xla_flags(devices: int | None = None) -> str:
-  """XLA_FLAGS for a subprocess of the suite: the suite's flags, on `devices` CPU devices."""
-  count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
-  return " ".join([*TEST_XLA_FLAGS.split(), *count])
-
-
-os.environ["XLA_FLAGS"] = " ".join([*os.environ.get("XLA_FLAGS", "").split(), *xla_flags().split()])
-
 import pytest  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
