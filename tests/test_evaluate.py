@@ -28,8 +28,9 @@ from dynroute_jax import train
 from dynroute_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One pytest-xdist worker runs the module (`--dist loadgroup`, Makefile): the `run` fixture's
-# evaluation is made once, not once per worker.
+# One pytest-xdist worker runs the module (`--dist loadgroup`, Makefile), and the `run` fixture is
+# session-scoped: its evaluation is made once, not once per worker, nor again when the worker's
+# order puts another module's test between two of these.
 pytestmark = pytest.mark.xdist_group("evaluate_run")
 
 
@@ -87,7 +88,7 @@ def save_run(workdir, cfg, variables, steps=((3, 1, True), (5, 2, False)), finge
   ckpt.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("eval_run"))
   cfg = small_config()
