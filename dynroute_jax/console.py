@@ -124,10 +124,10 @@ def _route_teardown_noise() -> None:
 def final_error(message: str) -> None:
   """Prints `message` as the program's last console line and keeps the teardown quiet after it.
 
-  The line is written with one call, on a line of its own, so that other threads' output cannot
-  split it. Afterwards only the Python interpreter's own shutdown runs; whatever the libraries say
-  while their background threads wind down (orbax errors about the save that already failed,
-  never-awaited coroutines) goes to absl's debug log instead of after the message.
+  The line is written with one call, so that other threads' output cannot split it. Only the
+  interpreter's shutdown follows; what the libraries say while their background threads wind down
+  (orbax errors about the save that already failed, never-awaited coroutines) is dropped, in
+  verbose runs too: the error and its traceback are already logged.
   """
   sys.stdout.flush()
   sys.stderr.flush()
