@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import types
+import warnings
 from typing import Mapping
 
 from absl import logging
@@ -138,7 +139,6 @@ def final_error(message: str) -> None:
     py_logging.getLogger(name).setLevel(py_logging.CRITICAL)
   sys.unraisablehook = lambda unraisable: logging.debug("After the error: %r",
                                                         unraisable.exc_value)
-  import warnings  # pylint: disable=g-import-not-at-top
   warnings.simplefilter("ignore")
 
 
