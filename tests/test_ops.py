@@ -115,3 +115,48 @@ def test_depthwise_conv_matches_grouped_conv_and_counts_the_same(k, stride, dila
   # ... yet MACs are counted from the one convolution: Ho*Wo*C*k*k per image.
   ho = (h + 2 * p - dilation * (k - 1) - 1) // stride + 1
   assert costs.count_macs(fn, x[:1], w) == ho * ho * c * k * k
+
+
+@pytest.mark.parametrize("size,k,stride,groups", [
+    (4, 5, 1, 1), (2, 3, 1, 1), (2, 5, 1, 1), (1, 3, 1, 1), (3, 5, 1, 4), (4, 5, 2, 1),
+    (2, 3, 2, 4), (8, 5, 1, 1), (8, 3, 2, 4)])
+def test_conv_on_maps_smaller_than_the_kernel_matches_xla(size, k, stride, groups):
+  """`common.conv`'s convolution (kernel taps that only meet padding dropped, the padding applied
+  ahead behind a barrier) equals XLA's, value and gradients, and counts the same MACs."""
+  from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
+  c = 4
+  x = jax.random.normal(jax.random.key(1), (3, size, size, c))
+  w = jax.random.normal(jax.random.key(2), (k, k, c // groups, c))
+  p = k // 2
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  kwargs = dict(window_strides=(stride, stride), padding=((p, p), (p, p)), dimension_numbers=dn,
+                feature_group_count=groups)
+  ours = common.depthwise_conv if groups > 1 else common.small_map_conv
+  loss = lambda fn, x, w: jnp.sum(jnp.sin(fn(x, w, **kwargs)))
+  np.testing.assert_allclose(ours(x, w, **kwargs), jax.lax.conv_general_dilated(x, w, **kwargs),
+                             rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(lambda x, w: loss(ours, x, w), argnums=(0, 1))(x, w)
+  g_xla = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
+  for a, b in zip(g_ours, g_xla):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  ho = (size + 2 * p - k) // stride + 1
+  macs = costs.count_macs(lambda x, w: ours(x, w, **kwargs), x[:1], w)
+  assert macs == ho * ho * k * k * (c // groups) * c
+
+
+def test_conv_on_a_map_smaller_than_the_kernel_keeps_its_operands_on_cpu():
+  """XLA:CPU swaps the operands of a convolution whose kernel covers more positions than its
+  input (its algebraic simplifier) and runs the swapped form several times slower; the layers'
+  convolution keeps the feature map as the input, forward and backward."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("a CPU compiler behaviour")
+  from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((8, 4, 4, 16))
+  module = common.conv(16, 5)
+  params = module.init(jax.random.key(0), x)
+  hlo = jax.jit(jax.grad(lambda p, x: jnp.sum(module.apply(p, x) ** 2), argnums=(0, 1))).lower(
+      params, x).compile().as_text()
+  convs = [l for l in hlo.splitlines() if " convolution(" in l]
+  assert len(convs) == 3, convs  # Forward, input gradient, kernel gradient.
+  # A swapped convolution reverses its window (the kernel becomes the data); none here.
+  assert not [l for l in convs if "rhs_reversal" in l], convs
