@@ -14,8 +14,9 @@ images), of whose train part 10% (143 images, stratified) is held out as the cal
 budget mode: 1295 images train.
 Augmentation: random crop with 1 pixel of zero padding (no flip: digits are not mirror-symmetric).
 
-Expected on an idle 2-core CPU: 6-11 minutes each (drnet measured 5m37s and 10m48s), compilation
-and evaluation included. Targets on the test split:
+Expected on an idle 2-core CPU, compilation and evaluation included: drnet 4m44s with an empty
+compilation cache and 3m53s on a second run (measured 2026-12-03; the machine's timings vary up to
+2x between runs); codinet has not been timed. Targets on the test split:
 accuracy with all branches >= 0.95; routed accuracy within 1.5 points of it at <= 0.7 x the MACs.
 The evaluation writes WORKDIR/eval/report.json (accuracy_all, accuracy_routed, macs_all,
 macs_routed_mean, and the threshold sweep).
