@@ -82,6 +82,8 @@ class _Run:
   writer: Any  # A clu metric writer.
   # The compiled steps, one per `train_step.share_groups` group, keyed by its first stage index.
   compiled: dict[int, Any] = dataclasses.field(default_factory=dict)
+  # The abstract model variables, traced once for every stage (`train_step.create_state`).
+  variables: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -184,9 +186,12 @@ def _create_state(run: _Run, stage: Stage, tx: optax.GradientTransformation | No
                   ) -> tuple[TrainState, TrainState, Callable[[], TrainState]]:
   """`create_state` of `stage` on the run's mesh (called through this module: tests replace it)."""
   data = run.config.data
-  return create_state(run.config, run.model, run.mesh, stage,
-                      (1, data.image_size, data.image_size, data.num_channels),
-                      sharding.RULES[run.config.mesh.param_sharding], tx=tx)
+  abstract, shardings, init = create_state(
+      run.config, run.model, run.mesh, stage,
+      (1, data.image_size, data.image_size, data.num_channels),
+      sharding.RULES[run.config.mesh.param_sharding], tx=tx, variables=run.variables or None)
+  run.variables.update(params=abstract.params, batch_stats=abstract.batch_stats)
+  return abstract, shardings, init
 
 
 def _restore(run: _Run, step: int) -> TrainState:

@@ -56,7 +56,7 @@ def stream_key(base: Array, step: Array | int, stream: str) -> Array:
 
 def create_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh,
                  stage: schedules.Stage, sample_shape: tuple[int, ...], rules: Any,
-                 tx: optax.GradientTransformation | None = None
+                 tx: optax.GradientTransformation | None = None, variables: PyTree | None = None
                  ) -> tuple[TrainState, TrainState, Callable[[], TrainState]]:
   """The abstract state of `stage`, its shardings, and an initializer that places it directly.
 
@@ -68,6 +68,9 @@ def create_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.
     sample_shape: [1, H, W, C], the shape the parameters are initialised from.
     rules: the parameter sharding rules (`sharding.RULES[...]`).
     tx: the stage's optimizer; built from the config when None.
+    variables: `{'params', 'batch_stats'}` of an earlier call's abstract state for the same model
+      and sample shape: reused instead of tracing the model's initialisation again (seconds for
+      a DRNet), as a run does for its second stage.
 
   Returns:
     (abstract state, state shardings, a function that returns the initial state on the mesh).
@@ -83,7 +86,12 @@ def create_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.
     return TrainState(step=jnp.asarray(stage.start, jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
 
-  abstract = jax.eval_shape(init_fn, init_key)
+  if variables is None:  # Traced once: `init` below lowers from the same trace.
+    abstract = jax.eval_shape(init_fn, init_key)
+  else:
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=variables["params"],
+                          batch_stats=variables["batch_stats"],
+                          opt_state=jax.eval_shape(tx.init, variables["params"]))
   shardings = sharding.tree_shardings(abstract, mesh, rules)
 
   def init():  # Compiled on first use only: a resumed run never needs it.

@@ -375,8 +375,15 @@ def test_resume_is_bitwise_identical(tiny_config, tmp_path, monkeypatch, no_eval
   """
   config = _resume_config(tiny_config)
   reference = tmp_path / "reference"
+  model_cls = type(models.build_model(config.model))
+  inits, real_init = [], model_cls.init
+  monkeypatch.setattr(model_cls, "init", lambda *a, **k: inits.append(1) or real_init(*a, **k))
   report, calls = _train(config, reference, monkeypatch)
   assert report["step"] == 5 and calls == 5
+  # The model's initialisation is traced once: the initializer compiles from the trace of the
+  # first stage's abstract state, and the second stage reuses its variables.
+  assert len(inits) == 1
+  monkeypatch.setattr(model_cls, "init", real_init)
   expected, _ = _restore(reference, 5)
   expected3, _ = _restore(reference, 3, items=("params",))
 
