@@ -36,9 +36,15 @@ FAIL_TIMEOUT = 240     # A run that must fail before compiling.
 MOCK_TEST_EXAMPLES = 52  # mp_driver.NUM_EXAMPLES: the mocked test split's size.
 
 
+# The suite's persistent compilation cache (tests/conftest.py) is kept, as the CLI keeps its own:
+# a process's second training run and the 1 x 8 run's resume then load their compiled steps.
+CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+
+
 def _env(local_devices):
   env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "JAX_", "XLA_FLAGS"))}
+         if k in CACHE_VARS
+         or not k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "JAX_", "XLA_FLAGS"))}
   env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
              # Optimization level 0 halves XLA:CPU compile times; both sides of every comparison
