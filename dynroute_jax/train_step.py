@@ -81,10 +81,10 @@ def create_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.
 
   def init_fn(key):
     x = jnp.zeros(sample_shape, jnp.float32)
-    variables = model.init({"params": key, "routing": key, "dropout": key}, x, train=False)
-    params = variables["params"]
+    initial = model.init({"params": key, "routing": key, "dropout": key}, x, train=False)
+    params = initial["params"]
     return TrainState(step=jnp.asarray(stage.start, jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+                      batch_stats=initial.get("batch_stats", {}), opt_state=tx.init(params))
 
   if variables is None:  # Traced once: `init` below lowers from the same trace.
     abstract = jax.eval_shape(init_fn, init_key)
