@@ -307,6 +307,23 @@ def test_predict_fn_checks_images_before_compiling(run):
     predictor(v, [[1, 2]], 0.8)
 
 
+def test_predictors_of_different_temperatures_share_one_compiled_pass(run):
+  """The temperature is an argument of the compiled pass, not a constant of it: checkpoints of an
+  annealed stage (one temperature each) reuse one compilation, in memory and on disk."""
+  cfg, model, v = run["cfg"], run["model"], run["variables"]
+  images = np.zeros((4, 8, 8, 1), np.uint8)
+  hlo = []
+  for tau in (1.0, 0.5):
+    predictor = evaluation.make_predict_fn(model, cfg.data, tau=tau, routed=True)
+    real = predictor._jitted
+    predictor._jitted = lambda *a, real=real: hlo.append(real.lower(*a).as_text()) or real(*a)
+    out = predictor(v, images, 0.8)
+    assert np.all(np.isfinite(np.asarray(out["logits"])))
+  assert hlo[0] == hlo[1]
+  with pytest.raises(ValueError, match="tau"):
+    evaluation.make_predict_fn(model, cfg.data, tau=0.0, routed=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Budget search, selection ratios, plots: pure functions.
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from dynroute_jax import config_lib
 from dynroute_jax import input_pipeline
+from dynroute_jax import routing
 from dynroute_jax import sharding
 
 PyTree = Any
@@ -99,8 +100,12 @@ class Predictor:
     self.noise = noise
     noise_key = jax.random.key(noise_seed)
     shape = self.image_shape
+    routing.check_tau(tau)
+    # An argument, not a constant of the graph: checkpoints of different temperatures (earlier
+    # steps of an annealed stage) share one compiled pass, in memory and in the persistent cache.
+    self._tau = np.float32(tau)
 
-    def predict(variables, images, threshold, indices, noise_std, router_override):
+    def predict(variables, images, threshold, indices, noise_std, router_override, tau):
       x = input_pipeline.preprocess_eval(images, data_config)
       if noise:
         eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(indices)
@@ -149,7 +154,7 @@ class Predictor:
       _check_indices(indices, images.shape[0])
     override = None if router_override is None else jnp.asarray(router_override, jnp.float32)
     return self._jitted(variables, images, thr, indices, jnp.asarray(noise_std, jnp.float32),
-                        override)
+                        override, self._tau)
 
 
 def make_predict_fn(model: nn.Module, data_config, *, tau: float, routed: bool,
