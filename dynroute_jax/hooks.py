@@ -22,6 +22,7 @@ import jax
 
 from dynroute_jax import console
 from dynroute_jax import distributed
+from dynroute_jax import tensorboard_writer
 
 Array = jax.Array
 
@@ -125,19 +126,15 @@ class StopEvaluationOnSignal:
     return False
 
 
-def metric_writer(workdir: str | os.PathLike[str]):
+def metric_writer(workdir: str | os.PathLike[str]) -> tensorboard_writer.SummaryWriter:
   """TensorBoard summaries of every metric (process 0), echoed as key=value lines only if verbose.
 
   CLU's default writer always echoes each write as one long INFO line; the console gets the short
-  progress lines of `console.step_line` instead.
+  progress lines of `console.step_line` instead. The writer needs no TensorFlow (see
+  `dynroute_jax.tensorboard_writer`).
   """
-  from clu import metric_writers  # Imported lazily: it pulls TensorFlow's summary writer.
-  writers = []
-  if jax.process_index() == 0:
-    writers.append(metric_writers.SummaryWriter(os.fspath(workdir)))
-  if console.is_verbose():
-    writers.append(metric_writers.LoggingWriter())
-  return metric_writers.AsyncMultiWriter(writers)
+  return tensorboard_writer.SummaryWriter(workdir if jax.process_index() == 0 else None,
+                                          echo=console.is_verbose())
 
 
 # ----------------------------------------------------------------------------------------------

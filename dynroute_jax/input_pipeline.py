@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynroute_jax import autoaugment as autoaugment_lib
+from dynroute_jax import console
 
 Array = jax.Array
 
@@ -248,16 +249,24 @@ def _prepare_hint(name: str, data_dir: str) -> str:
           f"at a directory where it is prepared.")
 
 
+def _tfds():
+  """tensorflow_datasets, imported on first use: only tfds datasets need TensorFlow, whose import
+  costs seconds and prints a native banner (imported quietly, see `console.import_quietly`)."""
+  console.import_quietly("tensorflow")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
 def tfds_is_mocked() -> bool:
   """True inside `tfds.testing.mock_data` (its builders generate examples and are never prepared)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _tfds()
 
   as_dataset = tfds.core.DatasetBuilder.as_dataset
   return getattr(as_dataset, "__module__", "").startswith("tensorflow_datasets.testing")
 
 
 def _tfds_builder(name: str, data_dir: str, check_prepared: bool | None):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _tfds()
 
   if check_prepared is None:
     check_prepared = not tfds_is_mocked()
@@ -270,7 +279,7 @@ def _tfds_builder(name: str, data_dir: str, check_prepared: bool | None):
 
 
 def _load_tfds_in_memory(builder, name: str, split: str) -> ArrayDataset:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _tfds()
 
   # Fixed-size chunks rather than batch_size=-1: the latter needs the split's example count from
   # the metadata, which sliced splits and mocked builders do not always have.

@@ -41,8 +41,6 @@ def main(argv):
   from dynroute_jax import console
   console.configure_for_program()
   compile_cache.enable()
-  # The metric writer (and tfds) need TensorFlow: import it now, before other threads run.
-  console.import_quietly("tensorflow")
   # Multi-host set-up must come before any other JAX call.
   from dynroute_jax import distributed
   distributed.maybe_initialize(FLAGS.config.distributed)

@@ -79,7 +79,7 @@ class _Run:
   train_ds: input_pipeline.Dataset
   test_ds: input_pipeline.Dataset
   ckpt: ckpt_lib.Checkpointer
-  writer: Any  # A clu metric writer.
+  writer: Any  # `tensorboard_writer.SummaryWriter`, or any clu metric writer.
   # The compiled steps, one per `train_step.share_groups` group, keyed by its first stage index.
   compiled: dict[int, Any] = dataclasses.field(default_factory=dict)
   # The abstract model variables, traced once for every stage (`train_step.create_state`).
@@ -177,8 +177,10 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, cleanup: contextli
                                fingerprint=model_fingerprint(config))
   restored_step = workdir_lib.resume_step(ckpt, config)
   workdir_lib.save_config(config, workdir)
+  writer = hooks.metric_writer(workdir)
+  cleanup.callback(writer.close)
   run = _Run(config=config, workdir=workdir, model=model, mesh=mesh, stages=stages,
-             train_ds=train_ds, test_ds=test_ds, ckpt=ckpt, writer=hooks.metric_writer(workdir))
+             train_ds=train_ds, test_ds=test_ds, ckpt=ckpt, writer=writer)
   return run, restored_step
 
 

@@ -17,6 +17,7 @@ from dynroute_jax import costs
 from dynroute_jax import models
 from dynroute_jax.models import base
 from dynroute_jax.models import codinet
+from dynroute_jax.train_step import INIT_COMPILER_OPTIONS
 
 # Tiny CIFAR-style net: 3 blocks per stage (so blocks 1-2 of each stage are scanned), 4 channels.
 TINY = dict(variant="resnet20", width=4, image_size=8)
@@ -38,7 +39,8 @@ def _images(seed=0, batch=B, size=TINY["image_size"]):
 @functools.lru_cache(maxsize=None)
 def _init(scan=True, **overrides):
   model = _model(scan, **overrides)
-  init = jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x, train=False))
+  init = jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x, train=False),
+                 compiler_options=INIT_COMPILER_OPTIONS)
   variables = init(_images())
   return model, variables
 
@@ -272,7 +274,8 @@ class DispatchTest(parameterized.TestCase):
     cfg.width = 2
     model = codinet.from_config(cfg)
     x = _images(7, batch=3, size=32)
-    variables = jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x, train=False))(x)
+    variables = jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x, train=False),
+                        compiler_options=INIT_COMPILER_OPTIONS)(x)
     ref = _japply(model)(variables, x, train=False, threshold=0.5)
     out = _japply(model)(variables, x, train=False, threshold=0.5, strategy="compact")
     np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-5)

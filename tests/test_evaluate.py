@@ -26,6 +26,7 @@ from dynroute_jax import plots
 from dynroute_jax import schedules
 from dynroute_jax import train
 from dynroute_jax import models
+from dynroute_jax.train_step import INIT_COMPILER_OPTIONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One pytest-xdist worker runs the module (`--dist loadgroup`, Makefile), and the `run` fixture is
@@ -66,11 +67,16 @@ def small_config(variant="drnet"):
   return cfg
 
 
-def init_variables(cfg, seed=0):
+def init_variables(cfg, seed=0, abstract=False):
+  """(model, variables); `abstract`: their shapes only. The initializer is compiled like the
+  trainer's, for compile speed."""
   model = models.build_model(cfg.model)
   key = jax.random.key(seed)
   x = jnp.zeros((1, cfg.data.image_size, cfg.data.image_size, cfg.data.num_channels))
-  return model, model.init({"params": key, "routing": key, "dropout": key}, x, train=False)
+  init = lambda x: model.init({"params": key, "routing": key, "dropout": key}, x, train=False)
+  if abstract:
+    return model, jax.eval_shape(init, x)
+  return model, jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS)(x)
 
 
 def save_run(workdir, cfg, variables, steps=((3, 1, True), (5, 2, False)), fingerprint="config"):
@@ -260,7 +266,7 @@ def test_parameters_of_another_shape_without_a_recorded_fingerprint(tmp_path):
   cfg = small_config()
   other = small_config()
   other.model.init_channels = 6
-  abstract = jax.eval_shape(lambda: init_variables(other)[1])
+  _, abstract = init_variables(other, abstract=True)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
   save_run(wd, cfg, zeros, steps=((5, 2, False),), fingerprint=None)
   with pytest.raises(ckpt_lib.FingerprintMismatchError, match="parameter"):
