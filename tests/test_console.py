@@ -108,7 +108,11 @@ def _exc_info(error: Exception):
 
 
 @pytest.mark.slow
-def test_training_output_is_one_line_per_event(tmp_path):
+def test_training_output_is_one_line_per_event(reference, tmp_path):
+  # `reference` (tests/conftest.py) is the fault tests' run of the same model: after it, this run
+  # loads its compiled steps from the suite's cache instead of compiling them a second time in
+  # parallel with it.
+  del reference
   workdir = tmp_path / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # One CPU device, as the fault tests' runs.

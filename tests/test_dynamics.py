@@ -175,8 +175,14 @@ def test_input_independent_routers_have_zero_static_gap(tmp_path):
   assert st["gap_points"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_codinet_report_has_dynamics_and_static_sweep(tmp_path):
-  report = _graded_report(tmp_path, "codinet")
+@pytest.fixture(scope="module")
+def codinet_report(tmp_path_factory):
+  """The graded CoDiNet's report, shared: evaluating it (and its 64 block subsets) takes seconds."""
+  return _graded_report(tmp_path_factory.mktemp("codinet_report"), "codinet")
+
+
+def test_codinet_report_has_dynamics_and_static_sweep(codinet_report):
+  report = codinet_report
   d, st = report["dynamics"], report["static"]
   assert set(d["levels"]["per_level"]) == {"0", "1", "2", "3"}
   assert d["num_routers"] == 6 and len(st["mean_router_output"]) == 6
@@ -187,8 +193,8 @@ def test_codinet_report_has_dynamics_and_static_sweep(tmp_path):
   assert "static counterpart" in text and "per level" in text
 
 
-def test_best_subset_baseline_covers_every_block_subset(tmp_path):
-  report = _graded_report(tmp_path, "codinet")
+def test_best_subset_baseline_covers_every_block_subset(codinet_report):
+  report = codinet_report
   bs = report["static"]["best_subset"]
   assert bs["num_subsets"] == 2 ** 6
   # The envelope of all subsets includes the nested ones: never worse than the mean-router sweep.

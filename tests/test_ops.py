@@ -9,6 +9,12 @@ from dynroute_jax import costs
 from dynroute_jax.models import ops
 
 
+def _normal(seed, shape):
+  """Standard normal float32 values drawn on the host: an eager `jax.random.normal` compiles a
+  random-number program per shape (about half a second each on a 2-core CPU)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _init_apply(module, x, train=False):
   variables = module.init(jax.random.key(0), x, train=train)
   return variables, module.apply(variables, x, train=train, mutable=["batch_stats"])[0]
@@ -32,7 +38,7 @@ def test_sep_conv_shape_params_macs(k, stride):
 
 def test_factorized_reduce():
   module = ops.FactorizedReduce(6)
-  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 5))
+  x = _normal(1, (2, 8, 8, 5))
   variables, y = _init_apply(module, x)
   assert y.shape == (2, 4, 4, 6)
   assert costs.count_params(variables["params"]) == 5 * 3 * 2 + 2 * 6
@@ -91,8 +97,8 @@ def test_depthwise_conv_matches_grouped_conv_and_counts_the_same(k, stride, dila
   and gradients, and its MACs are counted as the depthwise conv's."""
   from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
   c, h = 8, 9
-  x = jax.random.normal(jax.random.key(1), (3, h, h, c))
-  w = jax.random.normal(jax.random.key(2), (k, k, 1, c))
+  x = _normal(1, (3, h, h, c))
+  w = _normal(2, (k, k, 1, c))
   p = dilation * (k // 2)
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
   kwargs = dict(window_strides=(stride, stride), padding=((p, p), (p, p)),
@@ -125,8 +131,8 @@ def test_conv_on_maps_smaller_than_the_kernel_matches_xla(size, k, stride, group
   ahead behind a barrier) equals XLA's, value and gradients, and counts the same MACs."""
   from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
   c = 4
-  x = jax.random.normal(jax.random.key(1), (3, size, size, c))
-  w = jax.random.normal(jax.random.key(2), (k, k, c // groups, c))
+  x = _normal(1, (3, size, size, c))
+  w = _normal(2, (k, k, c // groups, c))
   p = k // 2
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
   kwargs = dict(window_strides=(stride, stride), padding=((p, p), (p, p)), dimension_numbers=dn,

@@ -12,6 +12,12 @@ import pytest
 from dynroute_jax import routing
 
 
+def _normal(seed, shape):
+  """Standard normal float32 values drawn on the host: an eager `jax.random.normal` compiles a
+  random-number program per shape (about half a second each on a 2-core CPU)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 class GumbelSoftmaxTest(parameterized.TestCase):
 
   def test_small_tau_samples_categorical(self):
@@ -40,13 +46,13 @@ class GumbelSoftmaxTest(parameterized.TestCase):
     self.assertGreater(float(np.sum((counts - expected) ** 2 / expected)), 18.47)
 
   def test_large_tau_is_uniform(self):
-    logits = jax.random.normal(jax.random.key(2), (64, 5)) * 3
+    logits = _normal(2, (64, 5)) * 3
     w = routing.gumbel_softmax(jax.random.key(3), logits, 1e4)
     chex.assert_trees_all_close(w, jnp.full_like(w, 0.2), atol=2e-3)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_rows_sum_to_one_and_keys_matter(self):
-    logits = jax.random.normal(jax.random.key(4), (3, 8, 5))
+    logits = _normal(4, (3, 8, 5))
     f = self.variant(lambda k, l: routing.gumbel_softmax(k, l, 1.0))
     w1, w2, w3 = f(jax.random.key(5), logits), f(jax.random.key(5), logits), f(jax.random.key(6), logits)
     chex.assert_trees_all_close(jnp.sum(w1, -1), jnp.ones((3, 8)), atol=1e-6)
@@ -54,12 +60,12 @@ class GumbelSoftmaxTest(parameterized.TestCase):
     self.assertGreater(float(jnp.max(jnp.abs(w1 - w3))), 1e-3)
 
   def test_no_key_is_plain_softmax(self):
-    logits = jax.random.normal(jax.random.key(7), (4, 5))
+    logits = _normal(7, (4, 5))
     chex.assert_trees_all_close(routing.gumbel_softmax(None, logits, 2.0),
                                 jax.nn.softmax(logits / 2.0), atol=1e-7)
 
   def test_gradient_flows_to_logits(self):
-    logits = jax.random.normal(jax.random.key(8), (5,))
+    logits = _normal(8, (5,))
     g = jax.grad(lambda l: routing.gumbel_softmax(jax.random.key(9), l, 1.0)[2])(logits)
     self.assertTrue(bool(jnp.all(jnp.isfinite(g))))
     self.assertGreater(float(jnp.linalg.norm(g)), 0.0)
@@ -117,13 +123,13 @@ class ThresholdSelectTest(parameterized.TestCase):
     self.assertEqual(int(mask.sum()), 1)
 
   def test_at_least_one_kept_for_tiny_threshold(self):
-    w = jax.nn.softmax(jax.random.normal(jax.random.key(0), (10, 5)))
+    w = jax.nn.softmax(_normal(0, (10, 5)))
     mask, _ = routing.threshold_select(w, 1e-6)
     np.testing.assert_array_equal(np.asarray(mask.sum(-1)), np.ones(10))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_traced_threshold(self):
-    w = jax.nn.softmax(jax.random.normal(jax.random.key(1), (6, 8, 5)))
+    w = jax.nn.softmax(_normal(1, (6, 8, 5)))
     f = self.variant(routing.threshold_select)
     m1, r1 = f(w, jnp.float32(0.8))
     m2, r2 = routing.threshold_select(w, 0.8)
