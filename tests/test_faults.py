@@ -38,6 +38,7 @@ TINY_ARGS = [
     "--config.model.init_channels=4",
     "--config.train.global_batch_size=16",
     "--config.eval.thresholds=(0.8,)",
+    "--config.eval.static_thresholds=(0.5,)",  # The default sweeps 20: a test pass each.
     # These tests read the full log: CLU's key=value metric lines and orbax's temporary
     # directories, which only a verbose run prints.
     "--verbosity=0",
