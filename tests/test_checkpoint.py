@@ -15,6 +15,8 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+
+from conftest import xla_flags  # pylint: disable=g-bad-import-order
 from etils import epath
 
 from dynroute_jax import checkpoint as C
@@ -397,7 +399,7 @@ def test_restore_onto_different_device_count(two_steps, tmp_path):
   dst = str(tmp_path / "sharded")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()  # One CPU device.
   proc = subprocess.run([sys.executable, "-c", _SUBPROCESS, two_steps, dst], env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
@@ -467,7 +469,7 @@ def test_two_processes(tmp_path):
   d = str(tmp_path / "ckpt")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()  # One CPU device.
   procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), d], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import xla_flags  # pylint: disable=g-bad-import-order
+
 from dynroute_jax import compile_cache
 from dynroute_jax import console
 
@@ -116,7 +118,7 @@ def test_training_output_is_one_line_per_event(reference, tmp_path):
   del reference
   workdir = tmp_path / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # One CPU device, as the fault tests' runs.
+  env["XLA_FLAGS"] = xla_flags()  # One CPU device, as the fault tests' runs.
   proc = subprocess.run([sys.executable, "-m", "dynroute_jax.main", *TINY_ARGS,
                          f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=900)

@@ -12,6 +12,8 @@ import textwrap
 import ml_collections
 import pytest
 
+from conftest import xla_flags  # pylint: disable=g-bad-import-order
+
 from dynroute_jax import distributed
 
 SLURM_STEP = {"SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_PROCID": "3",
@@ -153,6 +155,7 @@ def test_two_real_processes_form_one_mesh(tmp_path):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "JAX_", "XLA_FLAGS"))}
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  env["XLA_FLAGS"] = xla_flags()
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, str(script), str(i), port], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -18,6 +18,8 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import xla_flags  # pylint: disable=g-bad-import-order
+
 from dynroute_jax import checkpoint as ckpt_lib
 from dynroute_jax import evaluate
 from dynroute_jax import evaluation
@@ -415,7 +417,7 @@ def test_cli_on_two_devices_matches(run, tmp_path):
   shutil.copy(os.path.join(run["workdir"], "config.json"), wd)
   shutil.copytree(os.path.join(run["workdir"], "checkpoints"), os.path.join(wd, "checkpoints"))
   p = _cli([f"--workdir={wd}", "--thresholds=0.8", "--noplots", "--noinstance_awareness"],
-           {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
+           {"XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu"})
   assert p.returncode == 0, p.stderr[-3000:]
   with open(os.path.join(wd, "eval", "report.json")) as f:
     report = json.load(f)

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import xla_flags  # pylint: disable=g-bad-import-order
+
 from dynroute_jax import checkpoint as ckpt_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +57,7 @@ def _env(cache_dir: str) -> dict[str, str]:
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
               "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
-  env.pop("XLA_FLAGS", None)  # One CPU device: the reference mesh.
+  env["XLA_FLAGS"] = xla_flags()  # One CPU device: the reference mesh.
   return env
 
 

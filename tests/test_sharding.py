@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from conftest import xla_flags  # pylint: disable=g-bad-import-order
+
 _INNER = os.environ.get("DYNROUTE_SHARDING_8DEV") == "1"
 
 if _INNER:
@@ -26,7 +28,7 @@ inner = pytest.mark.skipif(not _INNER, reason="runs inside test_on_8_fake_device
 @pytest.mark.skipif(_INNER, reason="outer driver")
 def test_on_8_fake_devices():
   env = dict(os.environ, DYNROUTE_SHARDING_8DEV="1", JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",

@@ -22,6 +22,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pytest
 
+from conftest import xla_flags  # pylint: disable=g-bad-import-order
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -175,7 +177,7 @@ def c_tau_floor_above_init(tmp_path, mp):
 def c_batch_not_divisible(tmp_path, mp):
   return cli_message(["--config=configs/digits.py", "--config.train.global_batch_size=30",
                       f"--workdir={tmp_path / 'w'}"],
-                     {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                     {"XLA_FLAGS": xla_flags(4)})
 
 
 def c_batch_exceeds_dataset(tmp_path, mp):
