@@ -19,6 +19,7 @@ exactly what an uninterrupted one would and ends bit for bit where it does.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -220,24 +221,39 @@ def _begin_stage(run: _Run, stage: Stage, state: TrainState | None, start_step: 
   tx = optimizers.make_optimizer(run.config, stage,
                                  router_pattern=run.model.router_param_pattern)
   abstract, shardings, init = _create_state(run, stage, tx)
-  if state is None:
-    state = init()
-  elif jax.tree.structure(state.opt_state) != jax.tree.structure(abstract.opt_state) or (
-      start_step == stage.start):
-    # A new stage: keep parameters and statistics, start a fresh optimizer state.
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(state.params)
-    state = state.replace(opt_state=opt_state)
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="init") as pool:
+    # A fresh run's initializer (hundreds of random initializers: compiling or loading it takes
+    # seconds, running it milliseconds) is compiled and run in the background while this thread
+    # traces and compiles the step: XLA compiles outside Python's lock, on another core.
+    initializing = pool.submit(init) if state is None else None
+    if state is not None and (
+        jax.tree.structure(state.opt_state) != jax.tree.structure(abstract.opt_state)
+        or start_step == stage.start):
+      # A new stage: keep parameters and statistics, start a fresh optimizer state.
+      opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(state.params)
+      state = state.replace(opt_state=opt_state)
+    compiled, compile_s = _stage_step(run, stage, abstract, shardings)
+    if initializing is not None:
+      state = initializing.result()
+  return state, compiled, compile_s
+
+
+def _stage_step(run: _Run, stage: Stage, abstract: TrainState, shardings: TrainState
+                ) -> tuple[Any, float]:
+  """`stage`'s compiled step, compiled for the first stage of its group (`share_groups`) and
+  reused by the others (0 seconds); says which on the console."""
   group = next(g for g in train_step.share_groups(run.stages) if stage in g)
   if group[0].index in run.compiled:
     console.info(f"stage {stage.index}  reuses the train step compiled for stage {group[0].index}")
-    return state, run.compiled[group[0].index], 0.0
+    return run.compiled[group[0].index], 0.0
   compiled, compile_s = train_step.compile_step(
       train_step.make_shared_train_step(run.config, run.model, group), abstract, shardings,
       run.mesh, run.config)
   run.compiled[group[0].index] = compiled
-  shared = "" if len(group) == 1 else f" (shared by stages {', '.join(str(g.index) for g in group)})"
+  shared = ("" if len(group) == 1
+            else f" (shared by stages {', '.join(str(g.index) for g in group)})")
   console.info(f"stage {stage.index}  compiled the train step in {compile_s:.1f} s{shared}")
-  return state, compiled, compile_s
+  return compiled, compile_s
 
 
 def _dry_run(run: _Run, stage: Stage, compiled: Any, compile_s: float) -> dict[str, Any]:

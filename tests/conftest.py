@@ -26,7 +26,8 @@ def xla_flags(devices: int | None = None) -> str:
   return " ".join([*TEST_XLA_FLAGS.split(), *count])
 
 
-os.environ["XLA_FLAGS"] = " ".join([*os.environ.get("XLA_FLAGS", "").split(), *xla_flags().split()])
+os.environ["XLA_FLAGS"] = " ".join([*os.environ.get("XLA_FLAGS", "").split(),
+                                   *xla_flags().split()])
 
 import pytest  # pylint: disable=g-import-not-at-top
 

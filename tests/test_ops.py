@@ -166,3 +166,35 @@ def test_conv_on_a_map_smaller_than_the_kernel_keeps_its_operands_on_cpu():
   assert len(convs) == 3, convs  # Forward, input gradient, kernel gradient.
   # A swapped convolution reverses its window (the kernel becomes the data); none here.
   assert not [l for l in convs if "rhs_reversal" in l], convs
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 7, 2), (2, 8, 8, 3), (2, 4, 4, 5), (2, 2, 2, 1),
+                                   (1, 1, 1, 2), (2, 5, 6, 2)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_matches_xla_values_and_gradients_with_ties(shape, stride):
+  """`ops.max_pool_3x3` (slices, own gradient) equals XLA's reduce-window max pool, and its
+  gradient goes where XLA's does: to the first maximum of each window, also among ties (small
+  integers tie often, as flat regions of real images do)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(stride).integers(0, 3, shape), jnp.float32)
+  xla = lambda x: nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+  ours = lambda x: ops.max_pool_3x3(x, stride)
+  np.testing.assert_array_equal(ours(x), xla(x))
+  np.testing.assert_array_equal(jax.jit(ours)(x), xla(x))
+  # Integer weights: sums of gradients are exact whatever their order, so the same winners give
+  # bitwise the same gradient; with real weights the order of those sums may differ in the last bit.
+  for w, check in ((jnp.asarray(np.random.default_rng(3).integers(1, 9, xla(x).shape), jnp.float32),
+                    np.testing.assert_array_equal),
+                   (_normal(4, xla(x).shape),
+                    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6))):
+    check(jax.grad(lambda x: jnp.sum(ours(x) * w))(x), jax.grad(lambda x: jnp.sum(xla(x) * w))(x))
+
+
+def test_max_pool_gradient_is_elementwise_on_cpu():
+  """The pool's gradient compiles to no select-and-scatter (XLA:CPU's slow path) on CPU."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("a CPU compiler behaviour")
+  x = jnp.ones((4, 8, 8, 3))
+  module = ops.MaxPool3x3(2)
+  hlo = jax.jit(jax.grad(lambda x: jnp.sum(module.apply({}, x) ** 2))).lower(x).as_text()
+  assert "select_and_scatter" not in hlo and "reduce_window" not in hlo

@@ -21,6 +21,8 @@ activations contribute none.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,7 +102,70 @@ class MaxPool3x3(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     del train
+    if jax.default_backend() == "cpu":
+      return max_pool_3x3(x, self.stride)
     return nn.max_pool(x, (3, 3), strides=(self.stride, self.stride), padding=((1, 1), (1, 1)))
+
+
+def _taps_3x3(x_pad: Array, stride: int, out_hw: tuple[int, int]) -> list[Array]:
+  """The 9 windows' taps of a padded NHWC map, each [B, Ho, Wo, C], in row-major window order."""
+  (ho, wo), (b, _, _, c) = out_hw, x_pad.shape
+  return [jax.lax.slice(x_pad, (0, i, j, 0),
+                        (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                        (1, stride, stride, 1)) for i in range(3) for j in range(3)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool_3x3(x: Array, stride: int) -> Array:
+  """3x3 max pooling, padding 1, as the maximum of 9 strided slices, with its own gradient.
+
+  XLA:CPU runs `reduce_window` max slowly, and its gradient (a select-and-scatter) more slowly
+  still. Forward and backward of a 64x32x32x16 map at stride 1 took 46.6 ms with XLA's pool and
+  8.5 ms with this one (64x8x8x24: 2.9 and 1.0 ms), and the digits DRNet train step 126 -> 120 ms;
+  compiles are no slower. On other backends `MaxPool3x3` keeps XLA's pool. Here the forward is
+  an elementwise maximum of the 9 taps, and the gradient goes, as XLA's does, to the first
+  (row-major) tap of each window holding the maximum: the forward records that tap's index (int8)
+  and the backward sums, for each input position, the gradients of the windows whose winner it
+  was: 9 shifted reads of the (stride-dilated) gradient, all elementwise.
+  """
+  return _max_pool_fwd(x, stride)[0]
+
+
+def _max_pool_fwd(x: Array, stride: int) -> tuple[Array, tuple[Array, tuple[int, int]]]:
+  hw = x.shape[1:3]
+  out_hw = ((hw[0] - 1) // stride + 1, (hw[1] - 1) // stride + 1)
+  x_pad = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype),
+                      [(0, 0, 0), (1, 1, 0), (1, 1, 0), (0, 0, 0)])
+  taps = _taps_3x3(x_pad, stride, out_hw)
+  y = functools.reduce(jnp.maximum, taps)
+  first = jnp.full(y.shape, len(taps) - 1, jnp.int8)
+  for k in range(len(taps) - 2, -1, -1):
+    first = jnp.where(taps[k] == y, jnp.int8(k), first)
+  return y, (first, hw)
+
+
+def _max_pool_bwd(stride: int, residuals, g: Array) -> tuple[Array]:
+  first, (h, w) = residuals
+  # Output q's tap k = (i, j) read input row stride * q + i - 1. Dilated by the stride (zeros
+  # between rows; index -1 never wins) and padded by 2 on the left, g and the winners' indices
+  # hold, at row p + 3 - i, the output that read input row p through tap k, if any: the gradient
+  # is one elementwise sum over 9 shifted windows (no scatter).
+  def spread(v, fill):
+    cfg = [(0, 0, 0), (2, h - stride * (v.shape[1] - 1), stride - 1),
+           (2, w - stride * (v.shape[2] - 1), stride - 1), (0, 0, 0)]
+    return jax.lax.pad(v, jnp.asarray(fill, v.dtype), cfg)
+
+  def window(v, i, j):
+    return jax.lax.slice(v, (0, 3 - i, 3 - j, 0), (v.shape[0], 3 - i + h, 3 - j + w, v.shape[3]))
+
+  g_pad, first_pad = spread(g, 0), spread(first, -1)
+  zero = jnp.zeros((), g.dtype)
+  parts = [jnp.where(window(first_pad, *divmod(k, 3)) == k, window(g_pad, *divmod(k, 3)), zero)
+           for k in range(9)]
+  return (functools.reduce(jnp.add, parts),)
+
+
+max_pool_3x3.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class AvgPool3x3(nn.Module):
@@ -159,5 +224,6 @@ class DropPath(nn.Module):
 
 __all__ = [
     "BN_MOMENTUM", "BN_EPSILON", "batch_norm", "conv", "ReLUConvBN", "SepConv",
-    "FactorizedReduce", "MaxPool3x3", "AvgPool3x3", "Identity", "drop_path", "DropPath",
+    "FactorizedReduce", "MaxPool3x3", "AvgPool3x3", "max_pool_3x3", "Identity", "drop_path",
+    "DropPath",
 ]
