@@ -14,9 +14,9 @@ images), of whose train part 10% (143 images, stratified) is held out as the cal
 budget mode: 1295 images train.
 Augmentation: random crop with 1 pixel of zero padding (no flip: digits are not mirror-symmetric).
 
-Expected on an idle 2-core CPU, compilation and evaluation included: drnet 4m44s with an empty
-compilation cache and 3m53s on a second run (measured 2026-12-03; the machine's timings vary up to
-2x between runs); codinet has not been timed. Targets on the test split:
+Expected on an idle 2-core CPU, compilation and evaluation included: drnet 2m16s with an empty
+compilation cache and 1m46s on a second run, training from 32 s and 13 s on (measured 2026-12-05;
+another 2-core machine took about twice as long for the same code); codinet has not been timed. Targets on the test split:
 accuracy with all branches >= 0.95; routed accuracy within 1.5 points of it at <= 0.7 x the MACs.
 The evaluation writes WORKDIR/eval/report.json (accuracy_all, accuracy_routed, macs_all,
 macs_routed_mean, and the threshold sweep).
