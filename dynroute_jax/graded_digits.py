@@ -102,17 +102,15 @@ def make_split(split: str, seed: int = GRADED_SEED) -> tuple[np.ndarray, np.ndar
 
   Deterministic: a pure function of (split, seed). Cached; the arrays are read-only.
   """
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   from dynroute_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   if split not in _SPLIT_IDS:
     raise ValueError(f"digits_graded has splits 'train' and 'test'; got {split!r}.")
-  digits = load_digits()
-  labels_all = digits.target.astype(np.int32)
+  images_all, labels_all = input_pipeline.digits_arrays()
   train_idx, test_idx = input_pipeline.stratified_split(
       labels_all, input_pipeline.DIGITS_TEST_FRACTION, input_pipeline.DIGITS_SPLIT_SEED)
   idx = train_idx if split == "train" else test_idx
-  clean = digits.images[idx] / 16.0
+  clean = images_all[idx] / 16.0
   labels = labels_all[idx]
   split_id = _SPLIT_IDS[split]
   levels = assign_levels(labels, seed, split_id)

@@ -40,8 +40,10 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import importlib.util
 import itertools
 import os
+import pathlib
 from typing import Any, Iterator, Protocol
 
 import jax
@@ -214,12 +216,33 @@ def split_calibration(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset,
   return ds.subset(kept), ds.subset(held)
 
 
-def _load_digits(split: str) -> ArrayDataset:
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+@functools.lru_cache(maxsize=1)
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits as (images [1797, 8, 8] float64 in 0..16, labels [1797] int32).
 
-  digits = load_digits()
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  labels = digits.target.astype(np.int32)
+  Read straight from the file scikit-learn bundles (what `load_digits()` parses): importing
+  scikit-learn takes most of a second, which every run and every test process would pay. Falls
+  back to `load_digits()` where the file is not where it has always been. Read-only arrays.
+  """
+  spec = importlib.util.find_spec("sklearn")  # Locates the package without importing it.
+  path = (pathlib.Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+          if spec and spec.submodule_search_locations else None)
+  if path is not None and path.is_file():
+    data = np.loadtxt(path, delimiter=",")
+    images, labels = data[:, :-1].reshape(-1, 8, 8), data[:, -1]
+  else:
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    digits = load_digits()
+    images, labels = digits.images, digits.target
+  images, labels = images.astype(np.float64), labels.astype(np.int32)
+  for a in (images, labels):
+    a.setflags(write=False)
+  return images, labels
+
+
+def _load_digits(split: str) -> ArrayDataset:
+  images_0to16, labels = digits_arrays()
+  images = np.round(images_0to16 * (255.0 / 16.0)).astype(np.uint8)[..., None]
   train_idx, test_idx = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
   if split == "train":
     idx = train_idx

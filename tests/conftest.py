@@ -39,13 +39,17 @@ from dynroute_jax import compile_cache  # pylint: disable=g-import-not-at-top,wr
 # pytest-xdist workers and by every subprocess a test starts: they inherit these variables and
 # JAX reads them at import. Many tests compile the same tiny configs, so only the first compiles.
 # DYNROUTE_JAX_CACHE=off turns it off; a JAX_COMPILATION_CACHE_DIR of your own wins.
+# Every program is cached, however quick to compile (the library's own threshold skips those
+# under MIN_COMPILE_TIME_S): the suite's thousands of small programs recur across workers and
+# tests, and reading one back takes milliseconds where compiling it takes tens (a cold suite
+# compiled 400 s in-process with the threshold, 367 s without).
 CACHE_DIR = compile_cache.resolve_dir(os.environ.get(compile_cache.ENV_VAR, REPO / ".jax_cache"))
 if CACHE_DIR is not None:
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                        str(compile_cache.MIN_COMPILE_TIME_S))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   if "jax" in sys.modules:  # Imported before this file (a plugin): configure it directly.
-    compile_cache.enable(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    compile_cache.enable(os.environ["JAX_COMPILATION_CACHE_DIR"], min_compile_time_s=float(
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def load_config_module(name: str):
@@ -141,3 +145,10 @@ def reference(cache_dir, tmp_path_factory):
     if not done:
       test_faults.reference_run(cache_dir, workdir)
   return workdir, test_faults.final_params(workdir)
+
+
+@pytest.fixture(scope="session")
+def reference_output(reference) -> tuple[str, str]:
+  """The `reference` run's (standard output, standard error): a user's run of the tiny model."""
+  folder = reference[0].parent
+  return (folder / "stdout.txt").read_text(), (folder / "stderr.txt").read_text()

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import logging as py_logging
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-from conftest import xla_flags  # pylint: disable=g-bad-import-order
 
 from dynroute_jax import compile_cache
 from dynroute_jax import console
 
-REPO = Path(__file__).resolve().parents[1]
-# The fault tests' tiny DRNet (tests/test_faults.py): with the shared compilation cache, whichever
-# of them runs first compiles it for the others.
-TINY_ARGS = [
-    "--config=configs/digits.py",
-    "--config.train.stage1.steps=4",
-    "--config.train.stage2.steps=2",
-    "--config.checkpoint.every_steps=2",
-    "--config.log_every_steps=2",
-    "--config.model.num_nodes=1",
-    "--config.model.init_channels=4",
-    "--config.train.global_batch_size=16",
-    "--config.eval.thresholds=(0.8,)",
-    "--config.eval.static_thresholds=(0.5,)",  # The default sweeps 20: a test pass each.
-]
 STEP_LINE = re.compile(r"^stage (?P<stage>\d)  step (?P<done>\d+)/(?P<total>\d+)  loss \S+  "
                        r"acc \d\.\d{3}  tau \d+\.\d\d  \S+ step/s  "
                        r"ETA (\d+s|\d+m\d\ds|\d+h\d\dm|\?)$")
@@ -111,34 +91,28 @@ def _exc_info(error: Exception):
 
 
 @pytest.mark.slow
-def test_training_output_is_one_line_per_event(reference, tmp_path):
-  # `reference` (tests/conftest.py) is the fault tests' run of the same model: after it, this run
-  # loads its compiled steps from the suite's cache instead of compiling them a second time in
-  # parallel with it.
-  del reference
-  workdir = tmp_path / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = xla_flags()  # One CPU device, as the fault tests' runs.
-  proc = subprocess.run([sys.executable, "-m", "dynroute_jax.main", *TINY_ARGS,
-                         f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=900)
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 0, out[-4000:]
+def test_training_output_is_one_line_per_event(reference, reference_output):
+  # `reference` (tests/conftest.py) is the fault tests' uninterrupted run of the tiny DRNet
+  # (tests/test_faults.py REFERENCE_ARGS), run as a user runs it: default verbosity, a progress
+  # line every 2 steps. Its output is what a user reads.
+  workdir = reference[0]
+  stdout, stderr = reference_output
+  out = stdout + stderr
   lines = [l for l in out.splitlines() if l.strip()]
-  steps = [m.groupdict() for m in map(STEP_LINE.match, proc.stdout.splitlines()) if m]
+  steps = [m.groupdict() for m in map(STEP_LINE.match, stdout.splitlines()) if m]
   # log_every_steps=2 and the end of each stage: steps 2 and 4 (stage 1), 6 (stage 2).
   assert [(s["stage"], s["done"], s["total"]) for s in steps] == [
-      ("1", "2", "6"), ("1", "4", "6"), ("2", "6", "6")], proc.stdout
+      ("1", "2", "6"), ("1", "4", "6"), ("2", "6", "6")], stdout
   # Both stages share one step: compiled once, reused once.
   compiles = [l for l in lines if re.match(r"^stage \d  (compiled|reuses)", l)]
-  assert len(compiles) == 2, proc.stdout
+  assert len(compiles) == 2, stdout
   assert re.match(r"^stage 1  compiled the train step in \d+\.\d s \(shared by stages 1, 2\)$",
-                  compiles[0]), proc.stdout
-  assert compiles[1] == "stage 2  reuses the train step compiled for stage 1", proc.stdout
+                  compiles[0]), stdout
+  assert compiles[1] == "stage 2  reuses the train step compiled for stage 1", stdout
   assert [l for l in lines if l.startswith("checkpoint step ")] == [
-      f"checkpoint step {s}  (saving in the background)" for s in (2, 4, 6)], proc.stdout
-  assert "threshold  accuracy" in proc.stdout  # The report table.
-  assert proc.stdout.rstrip().endswith(f"Wrote {workdir}/eval/report.json")
+      f"checkpoint step {s}  (saving in the background)" for s in (2, 4, 6)], stdout
+  assert "threshold  accuracy" in stdout  # The report table.
+  assert stdout.rstrip().endswith(f"Wrote {workdir}/eval/report.json")
   noise = [l for l in lines if INFO_RECORD.match(l) or "orbax" in l or "loss/total=" in l
            or "oneDNN" in l]
   assert not noise, "\n".join(noise[:20])

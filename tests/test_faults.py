@@ -45,6 +45,11 @@ TINY_ARGS = [
     # directories, which only a verbose run prints.
     "--verbosity=0",
 ]
+# The reference run is the same model run as a user runs it (the default, quiet output, a progress
+# line every 2 steps): tests/test_console.py checks its output. Neither setting changes what is
+# trained, so its final parameters are the fault runs' reference all the same.
+REFERENCE_ARGS = [a for a in TINY_ARGS if a not in ("--verbosity=0", "--config.log_every_steps=1")
+                  ] + ["--config.log_every_steps=2"]
 RUN_TIMEOUT_S = 900  # A single run; generous for loaded 2-core machines.
 STEP_LINE = re.compile(r"\] \[(\d+)\] .*loss/total")
 
@@ -167,10 +172,18 @@ def good_steps(workdir) -> list[int]:
     ckpt.close()
 
 
-def reference_run(cache_dir, workdir) -> None:
-  """An uninterrupted run into `workdir`: the `reference` fixture's (tests/conftest.py)."""
-  run = run_to_end(cache_dir, workdir)
-  assert "Resumed" not in run.text
+def reference_run(cache_dir, workdir: Path) -> None:
+  """An uninterrupted run into `workdir`: the `reference` fixture's (tests/conftest.py).
+
+  Its standard output and error are kept beside the work directory, in stdout.txt and stderr.txt.
+  """
+  proc = subprocess.run([sys.executable, "-m", "dynroute_jax.main", *REFERENCE_ARGS,
+                         f"--workdir={workdir}"], cwd=REPO, env=_env(cache_dir),
+                        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+  assert "Resumed" not in proc.stdout + proc.stderr
+  (workdir.parent / "stdout.txt").write_text(proc.stdout)
+  (workdir.parent / "stderr.txt").write_text(proc.stderr)
 
 
 def test_same_seed_bitwise_identical(reference, cache_dir, tmp_path):

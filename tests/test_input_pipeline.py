@@ -1,6 +1,9 @@
 """Input pipeline: offline datasets, deterministic batching, process slices, augmentation."""
 
 import contextlib
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -30,6 +33,22 @@ def _toy(n=50, h=6, w=6, c=1):
 
 
 # ---------------------------------------------------------------------------- datasets
+
+
+def test_digits_read_without_importing_scikit_learn():
+  """The bundled file parsed directly is `load_digits()`, and costs no scikit-learn import."""
+  code = ("import sys; from dynroute_jax import config_lib, input_pipeline as ip; "
+          "ip.load_dataset(config_lib.base_config().data, 'train'); "
+          "print('sklearn' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert out.stdout.strip() == "False", out.stdout + out.stderr[-2000:]
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  expected = load_digits()
+  images, labels = ip.digits_arrays()
+  np.testing.assert_array_equal(images, expected.images)
+  np.testing.assert_array_equal(labels, expected.target)
+  assert labels.dtype == np.int32 and not images.flags.writeable
 
 
 def test_digits_offline_shapes_and_split(digits_train):
