@@ -150,6 +150,10 @@ class Checkpointer:
     self._barrier_count = 0
     self._had_failure = False
     self._closed = False
+    # True once the directory is known to hold this model's checkpoints (or none): a save then
+    # need not read the newest step's meta again (a quarter of a second each, and the work
+    # directory's lock keeps other trainers out).
+    self._compatible = False
     if fingerprint is not None:
       self.check_compatible(fingerprint)
 
@@ -230,12 +234,15 @@ class Checkpointer:
 
   def check_compatible(self, fingerprint: Optional[str]) -> None:
     """Raises FingerprintMismatchError if the directory holds another model's checkpoints."""
+    if fingerprint is None:
+      return  # Nothing to compare with.
     recorded = self.recorded_fingerprint()
-    if fingerprint is not None and recorded is not None and recorded != fingerprint:
+    if recorded is not None and recorded != fingerprint:
       raise FingerprintMismatchError(
           f"checkpoint directory {self.directory} holds checkpoints of a different model: "
           f"recorded model fingerprint {recorded}, this model's fingerprint {fingerprint}. "
           f"Use another work directory, or the model config the checkpoints were made with.")
+    self._compatible = fingerprint == self.fingerprint
 
   # -- saving.
 
@@ -291,7 +298,8 @@ class Checkpointer:
     """False if `step` exists and verifies; moves it to quarantine/ first if it is damaged."""
     decision, problems = 0, []  # 0: save; 1: exists and verifies; 2: exists damaged.
     if self._exists():
-      self.check_compatible(self.fingerprint)
+      if not self._compatible:
+        self.check_compatible(self.fingerprint)
       self._open_on_every_process()
       if _is_primary() and step in self.all_steps():
         problems = self.verify(step)

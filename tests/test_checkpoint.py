@@ -272,6 +272,22 @@ def test_fingerprint_mismatch(two_steps):
     C.Checkpointer(two_steps, fingerprint=other)
 
 
+def test_saves_check_the_fingerprint_once(two_steps, monkeypatch):
+  """Reading the newest step's meta costs a quarter of a second: once per Checkpointer is enough."""
+  reads = []
+  read = C.Checkpointer._read_meta_unchecked  # pylint: disable=protected-access
+  monkeypatch.setattr(C.Checkpointer, "_read_meta_unchecked",
+                      lambda self, step: reads.append(step) or read(self, step))
+  with C.Checkpointer(two_steps, keep=5, async_save=False, fingerprint=FP) as ckpt:
+    assert len(reads) == 1  # The check on opening.
+    for step in (3, 4, 5):
+      assert save_state(ckpt, step, force=True)
+  assert len(reads) == 1
+  with C.Checkpointer(two_steps, keep=5, async_save=False) as ckpt:  # No fingerprint: no check.
+    assert save_state(ckpt, 6, force=True)
+  assert len(reads) == 1
+
+
 def test_fingerprint_depends_on_model_and_data_shape():
   # The formula every existing checkpoint records: a changed value makes old work directories
   # look like another model's.
