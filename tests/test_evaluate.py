@@ -332,6 +332,25 @@ def test_predictors_of_different_temperatures_share_one_compiled_pass(run):
     evaluation.make_predict_fn(model, cfg.data, tau=0.0, routed=True)
 
 
+def test_predictors_of_one_model_share_traces_and_compilations(run):
+  """A second evaluation of the same model (an older checkpoint, the `inference` facade) reuses the
+  first one's traced and compiled passes: a model rebuilt from the config and a copied data config
+  compare equal, and other temperatures are an argument."""
+  cfg, v = run["cfg"], run["variables"]
+  images = np.zeros((4, 8, 8, 1), np.uint8)
+  first = evaluation.make_predict_fn(models.build_model(cfg.model), cfg.data, tau=1.0, routed=True)
+  first(v, images, 0.8)
+  traced = first._jitted._cache_size()  # pylint: disable=protected-access
+  again = evaluation.make_predict_fn(models.build_model(cfg.model),
+                                     cfg.data.copy_and_resolve_references(), tau=0.5, routed=True)
+  assert again._jitted is first._jitted  # pylint: disable=protected-access
+  again(v, images, 0.3)
+  assert first._jitted._cache_size() == traced  # pylint: disable=protected-access
+  # Another strategy or an unrouted pass is another program.
+  other = evaluation.make_predict_fn(models.build_model(cfg.model), cfg.data, tau=1.0, routed=False)
+  assert other._jitted is not first._jitted  # pylint: disable=protected-access
+
+
 # ------------------------------------------------------------------------------------------------
 # Budget search, selection ratios, plots: pure functions.
 

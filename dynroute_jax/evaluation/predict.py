@@ -10,11 +10,13 @@ Shape letters: B batch, N examples, S routed units.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from dynroute_jax import config_lib
@@ -83,6 +85,42 @@ def _check_indices(indices: Any, num_images: int) -> None:
                      f"shape {tuple(shape)} ({dtype}).")
 
 
+@functools.lru_cache(maxsize=16)
+def _predict_program(model: nn.Module, data_config: ml_collections.FrozenConfigDict, routed: bool,
+                     strategy: str, noise: bool, noise_seed: int):
+  """The jitted pass of `Predictor`s of these arguments (models and frozen configs compare by
+  value): the predictors of one model (an evaluation's routed and static passes, the evaluation of
+  an older checkpoint, the `inference` facade) trace, lower and compile each input shape once per
+  process instead of once each."""
+  noise_key = jax.random.key(noise_seed)
+  shape = image_shape(data_config)
+
+  def predict(variables, images, threshold, indices, noise_std, router_override, tau):
+    x = input_pipeline.preprocess_eval(images, data_config)
+    if noise:
+      eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(indices)
+      x = x + noise_std * eps.astype(x.dtype)
+    out = model.apply(variables, x, train=False, tau=tau,
+                      threshold=threshold if routed else None, strategy=strategy,
+                      **({} if router_override is None else {"router_override": router_override}))
+    probs = jax.nn.softmax(out.logits.astype(jnp.float32), axis=-1)
+    static = router_override is not None
+    return {
+        "prediction": jnp.argmax(out.logits, -1),
+        "confidence": jnp.max(probs, -1),
+        # A static network (one routing for every input) needs no routers: not counted.
+        "macs": out.executed_macs - (out.router_macs if static else 0.0),
+        "params": out.executed_params,
+        "executed": out.executed > 0.5,
+        "weights": out.weights,
+        "path": out.path,
+        "logits": out.logits.astype(jnp.float32),
+        "router_probs": out.router_probs,
+    }
+
+  return jax.jit(predict)
+
+
 class Predictor:
   """A jitted forward pass over uint8 images returning per-example outputs.
 
@@ -98,37 +136,16 @@ class Predictor:
     self.image_shape = image_shape(data_config)
     self.routed = routed
     self.noise = noise
-    noise_key = jax.random.key(noise_seed)
-    shape = self.image_shape
     routing.check_tau(tau)
     # An argument, not a constant of the graph: checkpoints of different temperatures (earlier
     # steps of an annealed stage) share one compiled pass, in memory and in the persistent cache.
     self._tau = np.float32(tau)
-
-    def predict(variables, images, threshold, indices, noise_std, router_override, tau):
-      x = input_pipeline.preprocess_eval(images, data_config)
-      if noise:
-        eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(indices)
-        x = x + noise_std * eps.astype(x.dtype)
-      out = model.apply(variables, x, train=False, tau=tau,
-                        threshold=threshold if routed else None, strategy=strategy,
-                        **({} if router_override is None else {"router_override": router_override}))
-      probs = jax.nn.softmax(out.logits.astype(jnp.float32), axis=-1)
-      static = router_override is not None
-      return {
-          "prediction": jnp.argmax(out.logits, -1),
-          "confidence": jnp.max(probs, -1),
-          # A static network (one routing for every input) needs no routers: not counted.
-          "macs": out.executed_macs - (out.router_macs if static else 0.0),
-          "params": out.executed_params,
-          "executed": out.executed > 0.5,
-          "weights": out.weights,
-          "path": out.path,
-          "logits": out.logits.astype(jnp.float32),
-          "router_probs": out.router_probs,
-      }
-
-    self._jitted = jax.jit(predict)
+    args = (model, ml_collections.FrozenConfigDict(data_config), routed, strategy, noise,
+            noise_seed)
+    try:
+      self._jitted = _predict_program(*args)
+    except TypeError:  # A model with an unhashable field: a program of its own.
+      self._jitted = _predict_program.__wrapped__(*args)
 
   def __call__(self, variables: PyTree, images, threshold=None, *, indices=None,
                noise_std: float = 0.0, router_override=None) -> dict[str, jax.Array]:
