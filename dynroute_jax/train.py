@@ -225,7 +225,8 @@ def _begin_stage(run: _Run, stage: Stage, state: TrainState | None, start_step: 
     # A fresh run's initializer (hundreds of random initializers: compiling or loading it takes
     # seconds, running it milliseconds) is compiled and run in the background while this thread
     # traces and compiles the step: XLA compiles outside Python's lock, on another core.
-    initializing = pool.submit(init) if state is None else None
+    # A dry run only sizes the step: it never builds the state it would allocate.
+    initializing = pool.submit(init) if state is None and not run.config.dry_run else None
     if state is not None and (
         jax.tree.structure(state.opt_state) != jax.tree.structure(abstract.opt_state)
         or start_step == stage.start):

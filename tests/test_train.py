@@ -473,6 +473,25 @@ def test_one_device_and_eight_fake_devices_give_the_same_losses(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+def test_dry_run_compiles_the_step_and_never_initialises(tiny_config, tmp_path, monkeypatch):
+  """A dry run reports what the step needs per device: it neither builds nor places the state
+  (which is what it is there to size before a pod allocates it)."""
+  config = tiny_config("codinet", "digits")
+  config.dry_run = True
+  real, inits = train._create_state, []  # pylint: disable=protected-access
+
+  def create_state(*args, **kwargs):
+    abstract, shardings, init = real(*args, **kwargs)
+    return abstract, shardings, lambda: inits.append(1) or init()
+
+  monkeypatch.setattr(train, "_create_state", create_state)
+  report = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert report["stage"] == 1 and report["compile_seconds"] > 0
+  assert "FLOPs per step" in report["report"]
+  assert not inits
+  assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+
+
 # Bad input, refused before anything is compiled or written.
 
 
