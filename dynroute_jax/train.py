@@ -129,7 +129,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run, restored_step = _prepare(config, workdir, cleanup)
   state, start_step, stopped = None, 0, False
   if restored_step is not None:
-    state, start_step = _restore(run, restored_step), restored_step
+    start_step = restored_step
+    # A dry run only sizes the step that would run next: it never reads the saved state back.
+    if not (config.dry_run and restored_step < run.stages[-1].end):
+      state = _restore(run, restored_step)
   with hooks.Preemption(on_error=run.ckpt.close) as preemption:
     for stage in run.stages:
       if start_step >= stage.end:

@@ -473,7 +473,7 @@ def test_one_device_and_eight_fake_devices_give_the_same_losses(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-def test_dry_run_compiles_the_step_and_never_initialises(tiny_config, tmp_path, monkeypatch):
+def test_dry_run_compiles_the_step_and_never_builds_the_state(tiny_config, tmp_path, monkeypatch):
   """A dry run reports what the step needs per device: it neither builds nor places the state
   (which is what it is there to size before a pod allocates it)."""
   config = tiny_config("codinet", "digits")
@@ -490,6 +490,15 @@ def test_dry_run_compiles_the_step_and_never_initialises(tiny_config, tmp_path, 
   assert "FLOPs per step" in report["report"]
   assert not inits
   assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+  # On a work directory with a checkpoint to resume, it does not restore the state either.
+  config.dry_run, config.train.num_stages = False, 1
+  train.train_and_evaluate(config, str(tmp_path / "resumable"))  # Stage 1 only: step 2 saved.
+  config.dry_run, config.train.num_stages = True, 2
+  restores = []
+  inits.clear()
+  monkeypatch.setattr(train, "_restore", lambda *a: restores.append(a))
+  report = train.train_and_evaluate(config, str(tmp_path / "resumable"))
+  assert report["stage"] == 2 and not restores and not inits
 
 
 # Bad input, refused before anything is compiled or written.
