@@ -54,7 +54,8 @@ if CACHE_DIR is not None:
 
 def load_config_module(name: str):
   """configs/<name>.py as a module, whatever the working directory."""
-  spec = importlib.util.spec_from_file_location(f"_test_configs_{name}", REPO / "configs" / f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_test_configs_{name}",
+                                                REPO / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
