@@ -25,6 +25,11 @@ routers, on the actual activations). The digits models use their trained routers
 is chosen by bisection on the test split to give the target fraction of the routed MACs (the
 nearest reachable fraction when the target is not reachable; printed as `frac`).
 
+The `ceiling` row (B > 1, with 'dense' timed) is the dense model on round(B / ideal) rows: no
+dispatch, no gather or scatter, each routed unit on as many rows as a perfect dispatcher would feed
+it on average. Its efficiency is what the machine itself allows: on a small CPU a convolution on
+fewer rows costs more per row (less work per thread), which no dispatcher can undo.
+
 Batch 1 runs the example (of the calibration pool / test split) whose executed fraction is
 closest to the target. Every strategy's logits and decisions are checked against 'dense'
 (`dlogit` = max |difference|, `agree` = fraction of equal decisions).
@@ -514,15 +519,28 @@ def run_model(name: str, args, rng: np.random.Generator, emit: Callable[[str], N
       executed = float(np.sum(np.asarray(ref["executed_macs"], np.float64)))
       ideal = macs_all / executed
       frac = float(routed_fraction(ref).mean())
-      times = _timing.interleaved_times(
-          {s: (lambda s=s: compiled[s](v, x, thr_arr)) for s in args.strategies},
-          args.repeats, rng, warmup=False)
+      fns = {s: (lambda s=s: compiled[s](v, x, thr_arr)) for s in args.strategies}
+      names = list(args.strategies)
+      if args.ceiling and b > 1 and "dense" in args.strategies:
+        # The dense model on b / ideal rows: what a dispatcher with no overhead at all would take
+        # if every routed unit ran on that many rows (fixed parts shrink too: an upper bound).
+        n = max(1, round(b / ideal))
+        t1 = time.perf_counter()
+        ceiling = bench.apply_fn("dense", True).lower(v, x[:n], thr_arr).compile()
+        compile_s["ceiling"] = time.perf_counter() - t1
+        fns["ceiling"] = lambda: ceiling(v, x[:n], thr_arr)
+        names.append("ceiling")
+      times = _timing.interleaved_times(fns, args.repeats, rng, warmup="ceiling" in fns)
       stats = _timing.speedups(times, "dense")
-      for s in args.strategies:
+      for s in names:
         med, paired, best = stats[s]
         lo, hi = _timing.ratio_range(times, s, "dense")
-        dlogit = float(np.max(np.abs(np.asarray(outs[s]["logits"]) - np.asarray(ref["logits"]))))
-        agree = float(np.mean(np.asarray(outs[s]["executed"]) == np.asarray(ref["executed"])))
+        if s == "ceiling":
+          dlogit = agree = float("nan")
+        else:
+          dlogit = float(np.max(np.abs(np.asarray(outs[s]["logits"])
+                                       - np.asarray(ref["logits"]))))
+          agree = float(np.mean(np.asarray(outs[s]["executed"]) == np.asarray(ref["executed"])))
         emit(f"{name:<15} {b:>5} {p:>6.2f} {frac:>5.2f} {thr:>6.3f} {s:<12} {med * 1e3:>9.2f} "
              f"{b / med:>9.1f} {paired:>7.2f} {ideal:>6.2f} {paired / ideal:>5.2f} "
              f"{f'{lo / ideal:.2f}-{hi / ideal:.2f}':>9} {best / ideal:>8.2f} "
@@ -538,6 +556,8 @@ def main(argv=None):
   ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                   choices=list(dispatch.STRATEGIES), help="'dense' is needed for speed-ups")
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                  help="also time the 'ceiling' row: the dense model on batch / ideal rows")
   ap.add_argument("--calib_batch", type=int, default=64,
                   help="calibration batch of the controlled decisions (r110, drnet_s)")
   ap.add_argument("--digits_codinet_workdir", default="")
@@ -563,7 +583,9 @@ def main(argv=None):
   emit(f"load average {load_start:.2f} at the start (an idle machine reads below ~1)")
   emit("frac = routed MACs executed / routed MACs (dense run of the timed batch); ideal and eff "
        "count all MACs (fixed parts included); eff = median of same-round ratios / ideal, "
-       "eff_range = lowest-highest same-round ratio / ideal")
+       "eff_range = lowest-highest same-round ratio / ideal; 'ceiling' = the dense model on "
+       "round(batch / ideal) rows (no dispatch at all, every unit on that many rows): the "
+       "efficiency this machine allows any dispatcher")
   emit(HEADER)
   for name in args.models:
     run_model(name, args, rng, emit)
