@@ -357,12 +357,20 @@ def test_hlo_dense_has_full_batch_convs():
 
 
 def test_hlo_chunk_runs_only_chunk_sized_convs():
+  """Chunks and tails of 8, 4, 2 rows; the whole batch only in the branch taken when every row is
+  selected (no gather, scatter or loop then), never in the loop or unconditionally."""
   hlo = _compiled("chunk", 64, chunk=8, tail_levels=2)
   assert "while(" in hlo and "conditional(" in hlo
-  batches = _conv_batches(hlo)
-  assert batches and set(batches) <= {8, 4, 2}, batches
-  assert 64 not in batches
-  assert not _conv_batches(_computations(hlo)["ENTRY"])
+  comps = _computations(hlo)
+  assert not _conv_batches(comps["ENTRY"])
+  full = [name for name, body in comps.items() if 64 in _conv_batches(body)]
+  assert len(full) == 1, full
+  assert set(_conv_batches(comps[full[0]])) == {64}
+  # That computation is a branch of a conditional, and no loop body reaches it.
+  assert re.search(rf"branch_computations=\{{[^}}]*%{re.escape(full[0])}\b", hlo), full
+  assert not re.search(rf"body=%{re.escape(full[0])}\b", hlo)
+  rest = [n for body in comps.values() for n in _conv_batches(body) if n != 64]
+  assert rest and set(rest) <= {8, 4, 2}, rest
 
 
 def test_hlo_compact_convs_only_inside_conditional_branches():
@@ -473,8 +481,12 @@ def test_select_apply_processes_exactly_the_selected_rows(strategy):
         caps = dispatch.capacity_buckets(b, 8)
         assert rec.computed() == (min(c for c in caps if c >= count) if count else 0)
       elif strategy == "chunk":
-        # chunk 8 with two tail levels: rows processed in grains of 2 (b = 1: a single cond).
-        assert rec.computed() == (-(-count // 2) * 2 if b > 1 else count), (b, count)
+        # chunk 8 with two tail levels: rows processed in grains of 2 (b = 1: a single cond); with
+        # every row selected, the batch as it is, in one call.
+        if count == b:
+          assert rec.ncalls() == 1 and rec.computed() == b
+        else:
+          assert rec.computed() == -(-count // 2) * 2, (b, count)
 
 
 @pytest.mark.parametrize("strategy", SKIPPING)

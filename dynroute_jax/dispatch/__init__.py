@@ -43,7 +43,8 @@ Strategies (all give the same values as 'dense', up to float rounding of the ord
                  then a short tail: one `lax.cond` per power-of-two fraction of a chunk (chunk/2,
                  chunk/4, ... down to chunk / 2**tail_levels rows), so at most chunk / 2**tail_levels - 1
                  padding rows are computed per site. Results are scattered into the output carry in
-                 place; with zero selected rows the loop runs zero times and nothing is written.
+                 place; with zero selected rows the loop runs zero times and nothing is written;
+                 with every row selected, one cond runs the function on the batch as it is.
   'auto'         `default_strategy(jax.default_backend(), B)`.
 
 Batch size 1: every strategy but 'dense' becomes a single `lax.cond` on the one example.

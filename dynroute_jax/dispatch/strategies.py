@@ -254,7 +254,9 @@ class Chunk(_Compacting):
   The tail has one `lax.cond` per power-of-two fraction of a chunk (chunk/2, chunk/4, ... down to
   chunk / 2**tail_levels rows), so at most chunk / 2**tail_levels - 1 padding rows are computed per
   site. Results are scattered into the carry in place; with zero selected rows the loop runs zero
-  times and nothing is written.
+  times and nothing is written. With every row selected, a `lax.cond` runs the function on the batch
+  as it is instead (no gather, scatter or loop: routed ResNet-110, CPU, every block selected, 1.30x
+  dense time at batch 32 before, 1.06x after).
 
   Attributes:
     chunk: rows per loop trip; None: B/8 rounded down to a power of two (32 rows at B = 256).
@@ -274,6 +276,16 @@ class Chunk(_Compacting):
       raise ValueError(f"tail_levels must be an int; got {self.tail_levels!r}.") from None
 
   def update(self, carry: PyTree, site: Site, order_B: Array, count: Array) -> PyTree:
+    b = order_B.shape[0]
+    # Every row selected: run on the batch as it is, with no gather, scatter or loop, and leave
+    # nothing to the chunks. (Two conds with one updating branch each, not one cond with two:
+    # XLA updates the carry in place only in the former.)
+    full = count == b
+    carry = lax.cond(full, site.every_row, lambda c: c, carry)
+    return self._chunks(carry, site, order_B, jnp.where(full, 0, count))
+
+  def _chunks(self, carry: PyTree, site: Site, order_B: Array, count: Array) -> PyTree:
+    """The carry with `site` run on the rows order_B[:count], chunk by chunk."""
     b = order_B.shape[0]
     chunk = min(_default_chunk(b) if self.chunk is None else self.chunk, b)
     tail = _tail_sizes(chunk, self.tail_levels)
