@@ -473,6 +473,9 @@ def test_one_device_and_eight_fake_devices_give_the_same_losses(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Dry run.
+
+
 def test_dry_run_compiles_the_step_and_never_builds_the_state(tiny_config, tmp_path, monkeypatch):
   """A dry run reports what the step needs per device: it neither builds nor places the state
   (which is what it is there to size before a pod allocates it)."""
@@ -501,6 +504,7 @@ def test_dry_run_compiles_the_step_and_never_builds_the_state(tiny_config, tmp_p
   assert report["stage"] == 2 and not restores and not inits
 
 
+# ------------------------------------------------------------------------------------------------
 # Bad input, refused before anything is compiled or written.
 
 
