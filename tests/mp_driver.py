@@ -3,7 +3,7 @@
   python tests/mp_driver.py --workdir=DIR --out=OUT.json [--num_processes=2 --process_id=I --port=P]
                             [--restore_from=OTHER_WORKDIR] [--override field=value ...]
 
-Trains the tiny config of `tiny_config()` (DRNet 'tiny' on CIFAR-10 under
+Trains the tiny config of `tiny_config()` (CoDiNet's routed ResNet-8 on CIFAR-10 under
 `tfds.testing.mock_data`) with `train.train_and_evaluate`, recording every step's metrics through
 its `metrics_callback`. Process 0 writes OUT.json: the per-step losses, the evaluation report, the
 device and process counts. With several processes it then runs `train_and_evaluate` again on the
@@ -34,9 +34,14 @@ NUM_EXAMPLES = 52
 
 
 def tiny_config(overrides=()):
-  """conftest's tiny DRNet on CIFAR-10, one stage of 3 steps; `overrides`: 'field.path=json value'."""
+  """conftest's tiny CoDiNet on CIFAR-10, one stage of 3 steps; `overrides`: 'field.path=json value'.
+
+  CoDiNet rather than DRNet: its step compiles about 3 times faster (3.8 against 12.4 s on 8 fake
+  devices), and it draws Gumbel noise from the same routing stream, so the losses of 2 x 4 and
+  1 x 8 devices still agree only if that noise does not depend on the partition.
+  """
   from conftest import make_tiny_config
-  c = make_tiny_config("drnet", "cifar10", stage1_steps=3, stage2_steps=0, batch=16)
+  c = make_tiny_config("codinet", "cifar10", stage1_steps=3, stage2_steps=0, batch=16)
   c.train.num_stages = 1
   for item in overrides:
     key, _, value = item.partition("=")
