@@ -129,6 +129,28 @@ def shared_across_workers(tmp_path_factory, name: str):
     marker.touch()
 
 
+def pytest_collection_modifyitems(items):
+  """Slow tests first, so that the pytest-xdist workers end on short tests rather than one worker
+  finishing a 30-s test while the other idles (longest-first scheduling).
+
+  Order, stable within each rank: the first test that needs `reference` (one worker builds that
+  shared run while the other starts on the rest), the other slow tests, the slow tests that need
+  `reference` or run its model through `cache_dir` (by then it is built and its programs are
+  cached, so no worker waits on its lock or compiles them again), then everything else.
+  """
+  uses = lambda item, name: name in getattr(item, "fixturenames", ())
+  first = next((item for item in items if uses(item, "reference")), None)
+
+  def rank(item) -> int:
+    if item is first:
+      return 0
+    if item.get_closest_marker("slow") is None:
+      return 3
+    return 2 if uses(item, "reference") or uses(item, "cache_dir") else 1
+
+  items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
   """The compilation cache of the command-line runs: the suite's when there is one."""
