@@ -9,7 +9,7 @@ still running at the end of a test is killed.
   2 x 4 devices and with 1 x 8; the per-step losses agree, the 2-process checkpoint restores in a
   single process (restore_for_eval, and the trainer's own resume, which re-evaluates it), and the
   evaluation of the 2-process run counts every test example exactly once.
-* `test_peer_never_starts`: one of two processes alone; the JAX runtime aborts it after
+* `test_peer_never_starts`: either of two processes alone; the JAX runtime aborts it after
   config.distributed.initialization_timeout, having printed what it waited for.
 * bad input: inconsistent num_processes, an indivisible global batch and a mesh that does not match
   the devices fail with a ValueError on every process before anything compiles.
@@ -170,26 +170,27 @@ def test_two_processes_match_one(tmp_path):
   assert abs(resumed["accuracy_routed"] - two["report"]["accuracy_routed"]) < 1e-9
 
 
-@pytest.mark.parametrize("present", [0, 1])
-def test_peer_never_starts(tmp_path, present):
-  """Only process `present` of 2 starts: it aborts after the timeout, having said why it waits."""
-  timeout_s = 4  # The peer never comes: any bound shows the abort, and the worker idles through it.
-  port = _free_port()
+def test_peer_never_starts(tmp_path):
+  """Process 0 of 2 alone, and process 1 of 2 alone (both at once, each with its own coordinator
+  port): each aborts after the timeout, having said why it waits."""
+  timeout_s = 2  # No peer ever comes: any bound shows the abort, and the worker idles through it.
+  ports = [_free_port() for _ in range(2)]
   t0 = time.monotonic()
   codes, outs = _wait_all([_start(
-      _driver(tmp_path / "w", tmp_path / "out.json", "--num_processes=2",
+      _driver(tmp_path / f"w{present}", tmp_path / "out.json", "--num_processes=2",
               f"--process_id={present}", f"--port={port}", f"--timeout={timeout_s}"),
-      4, tmp_path / "log")], timeout_s + FAIL_TIMEOUT)
+      4, tmp_path / f"log{present}") for present, port in enumerate(ports)],
+                          timeout_s + FAIL_TIMEOUT)
   elapsed = time.monotonic() - t0
-  out = outs[0]
-  assert codes[0] is not None, "not aborted within the bound:\n" + out[-3000:]
-  # SIGABRT from the JAX runtime (a negative code: killed by signal 6), never a clean exit.
-  assert codes[0] == -signal.SIGABRT, (codes, out[-3000:])
-  assert (f"process {present} of 2, coordinator 127.0.0.1:{port}; waiting up to {timeout_s} s"
-          in out), out[-3000:]
-  assert "initialization_timeout" in out and "a peer never started" in out
+  for present, (port, code, out) in enumerate(zip(ports, codes, outs)):
+    assert code is not None, f"process {present} not aborted within the bound:\n{out[-3000:]}"
+    # SIGABRT from the JAX runtime (a negative code: killed by signal 6), never a clean exit.
+    assert code == -signal.SIGABRT, (present, code, out[-3000:])
+    assert (f"process {present} of 2, coordinator 127.0.0.1:{port}; waiting up to {timeout_s} s"
+            in out), out[-3000:]
+    assert "initialization_timeout" in out and "a peer never started" in out
+    assert not (tmp_path / f"w{present}").exists()  # Nothing ran past initialize.
   assert elapsed >= timeout_s
-  assert not (tmp_path / "w").exists()  # Nothing ran past initialize.
 
 
 def test_processes_disagree_on_num_processes(tmp_path):
