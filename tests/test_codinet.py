@@ -11,6 +11,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from dynroute_jax import costs
@@ -18,6 +19,10 @@ from dynroute_jax import models
 from dynroute_jax.models import base
 from dynroute_jax.models import codinet
 from dynroute_jax.train_step import INIT_COMPILER_OPTIONS
+
+# One worker runs this file: its tests share cached models and variables (_init), which two
+# workers would each build again.
+pytestmark = pytest.mark.xdist_group("test_codinet")
 
 # Tiny CIFAR-style net: 3 blocks per stage (so blocks 1-2 of each stage are scanned), 4 channels.
 TINY = dict(variant="resnet20", width=4, image_size=8)

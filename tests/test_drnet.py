@@ -27,6 +27,10 @@ from dynroute_jax.models import base
 from dynroute_jax.models import common
 from dynroute_jax.models import drnet
 
+# One worker runs this file: its tests share cached models and compiled functions (built, fn,
+# jitted), which two workers would each build again (13 of the file's 90 CPU-seconds).
+pytestmark = pytest.mark.xdist_group("test_drnet")
+
 B, H = 2, 8
 K = drnet.NUM_BRANCHES
 GROUPS = {"aux_head": "aux_head", "routers": "router"}
