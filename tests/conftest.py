@@ -110,6 +110,36 @@ def tiny_config():
   return make_tiny_config
 
 
+def host_variables(model, x, seed: int = 0):
+  """`model.init`'s variables for input `x`, drawn on the host: normal kernels scaled by
+  1/sqrt(fan-in), zero biases and means, unit scales and variances.
+
+  Only the shapes are traced; nothing is compiled. Compiling a model's initializer costs more than
+  anything a test then does with it (its hundreds of random draws: 6 s for test_evaluate's DRNet).
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+  import math  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dynroute_jax import costs  # pylint: disable=g-import-not-at-top
+
+  key = jax.random.key(0)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False),
+                          {"params": key, "routing": key, "dropout": key}, x)
+  rs = np.random.RandomState(seed)
+
+  def fill(path, s):
+    name = costs.path_str(path).split("/")[-1]
+    if name in ("bias", "mean"):
+      return np.zeros(s.shape, s.dtype)
+    if name in ("scale", "var"):
+      return np.ones(s.shape, s.dtype)
+    fan_in = max(1, math.prod(s.shape[:-1]))
+    return (rs.normal(size=s.shape) / math.sqrt(fan_in)).astype(s.dtype)
+
+  return jax.tree.map(jax.numpy.asarray, jax.tree_util.tree_map_with_path(fill, shapes))
+
+
 @contextlib.contextmanager
 def shared_across_workers(tmp_path_factory, name: str):
   """(folder, done) for a result every pytest-xdist worker of this run may reuse; yields locked.

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
+from conftest import host_variables  # pylint: disable=g-bad-import-order
 from dynroute_jax import costs
 from dynroute_jax import dispatch
 from dynroute_jax import routing
@@ -45,29 +46,11 @@ def tiny_config(**overrides):
   return cfg
 
 
-def fill_variables(model, x, seed=0):
-  """Variables of `model.init` with host-drawn values (scaled normal kernels, BN identity)."""
-  shapes = jax.eval_shape(functools.partial(model.init, train=False),
-                          {"params": jax.random.key(0)}, x)
-  rs = np.random.RandomState(seed)
-
-  def fill(path, s):
-    name = costs.path_str(path).split("/")[-1]
-    if name in ("bias", "mean"):
-      return jnp.zeros(s.shape, s.dtype)
-    if name in ("scale", "var"):
-      return jnp.ones(s.shape, s.dtype)
-    fan_in = max(1, math.prod(s.shape[:-1]))
-    return jnp.asarray(rs.normal(size=s.shape) / math.sqrt(fan_in), s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 @functools.lru_cache(maxsize=None)
 def built(**overrides):
   model = drnet.from_config(tiny_config(**overrides))
   x = jax.random.normal(jax.random.key(42), (B, H, H, 3))
-  return model, fill_variables(model, x), x
+  return model, host_variables(model, x), x
 
 
 def rngs(routing_seed=1, dropout_seed=2):

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import xla_flags  # pylint: disable=g-bad-import-order
+from conftest import host_variables, xla_flags  # pylint: disable=g-bad-import-order
 
 from dynroute_jax import checkpoint as ckpt_lib
 from dynroute_jax import evaluate
@@ -28,7 +28,6 @@ from dynroute_jax import plots
 from dynroute_jax import schedules
 from dynroute_jax import train
 from dynroute_jax import models
-from dynroute_jax.train_step import INIT_COMPILER_OPTIONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One pytest-xdist worker runs the module (`--dist loadgroup`, Makefile), and the `run` fixture is
@@ -70,15 +69,15 @@ def small_config(variant="drnet"):
 
 
 def init_variables(cfg, seed=0, abstract=False):
-  """(model, variables); `abstract`: their shapes only. The initializer is compiled like the
-  trainer's, for compile speed."""
+  """(model, variables) drawn on the host (`conftest.host_variables`: nothing compiled);
+  `abstract`: their shapes only."""
   model = models.build_model(cfg.model)
-  key = jax.random.key(seed)
   x = jnp.zeros((1, cfg.data.image_size, cfg.data.image_size, cfg.data.num_channels))
-  init = lambda x: model.init({"params": key, "routing": key, "dropout": key}, x, train=False)
   if abstract:
-    return model, jax.eval_shape(init, x)
-  return model, jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS)(x)
+    key = jax.random.key(seed)
+    return model, jax.eval_shape(lambda x: model.init(
+        {"params": key, "routing": key, "dropout": key}, x, train=False), x)
+  return model, host_variables(model, x, seed)
 
 
 def save_run(workdir, cfg, variables, steps=((3, 1, True), (5, 2, False)), fingerprint="config"):
