@@ -4,13 +4,13 @@ and the inference facade."""
 import importlib.util
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import host_variables  # pylint: disable=g-bad-import-order
 import dynroute_jax
 from dynroute_jax import dynamics
 from dynroute_jax import evaluation
@@ -18,7 +18,6 @@ from dynroute_jax import graded_digits
 from dynroute_jax import input_pipeline
 from dynroute_jax import sharding
 from dynroute_jax import models
-from dynroute_jax.train_step import INIT_COMPILER_OPTIONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,10 +153,7 @@ def _graded_report(tmp_path, variant, **model_overrides):
   cfg.eval.static_thresholds = (0.3, 0.6, 0.9)
   cfg.eval.thresholds = (cfg.eval.threshold,)
   model = models.build_model(cfg.model)
-  key = jax.random.key(0)
-  variables = jax.jit(lambda x: model.init({"params": key, "routing": key, "dropout": key}, x,
-                                           train=False),
-                      compiler_options=INIT_COMPILER_OPTIONS)(jnp.zeros((1, 8, 8, 1)))
+  variables = host_variables(model, jnp.zeros((1, 8, 8, 1)))
   ds = input_pipeline.load_dataset(cfg.data, "test").subset(np.arange(64))
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
   return evaluation.evaluate_and_report(cfg, model, variables, ds, mesh, str(tmp_path), tau=1.0,
