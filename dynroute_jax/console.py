@@ -24,6 +24,7 @@ import logging as py_logging
 import math
 import os
 import sys
+import threading
 import types
 import warnings
 from typing import Mapping
@@ -127,8 +128,9 @@ def final_error(message: str) -> None:
 
   The line is written with one call, so that other threads' output cannot split it. Only the
   interpreter's shutdown follows; what the libraries say while their background threads wind down
-  (orbax errors about the save that already failed, never-awaited coroutines) is dropped, in
-  verbose runs too: the error and its traceback are already logged.
+  (orbax errors about the save that already failed, in its log or as its threads' uncaught
+  exceptions, never-awaited coroutines) goes to the debug log only, in verbose runs too: the error
+  and its traceback are already logged.
   """
   sys.stdout.flush()
   sys.stderr.flush()
@@ -139,6 +141,8 @@ def final_error(message: str) -> None:
     py_logging.getLogger(name).setLevel(py_logging.CRITICAL)
   sys.unraisablehook = lambda unraisable: logging.debug("After the error: %r",
                                                         unraisable.exc_value)
+  threading.excepthook = lambda args: logging.debug(
+      "After the error, thread %s: %r", getattr(args.thread, "name", "?"), args.exc_value)
   warnings.simplefilter("ignore")
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging as py_logging
 import re
+import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -69,6 +71,25 @@ def test_teardown_noise_of_a_failed_save_stays_off_the_console(monkeypatch, caps
   assert capsys.readouterr().err == ""
   _RaisesWhenCollected(ValueError("a real bug"))  # Anything else is printed as usual.
   assert "a real bug" in capsys.readouterr().err
+
+
+def test_nothing_prints_after_the_final_error():
+  # After a failed save, orbax's own threads can still raise (its writer thread's OSError): the
+  # threading excepthook printed that traceback below the program's one-line error. The disk-full
+  # fault test caught it at random; here a thread raises after the error, every time.
+  code = textwrap.dedent("""
+      import threading, warnings
+      from dynroute_jax import console
+      console.final_error("main: error: OSError: disk full")
+      thread = threading.Thread(target=lambda: open("/nonexistent/dir/file", "w"), name="save")
+      thread.start()
+      thread.join()
+      warnings.warn("late")
+  """)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert (proc.stdout, proc.stderr) == ("", "main: error: OSError: disk full\n")
 
 
 def test_library_tracebacks_are_one_line_unless_verbose(tmp_path):
