@@ -26,8 +26,6 @@ def test_older_or_fallback_step_gets_its_own_report(tmp_path, caplog):
   workdir = str(tmp_path / "run")
   cfg = small_config()
   cfg.model.num_nodes = 1  # Where the reports go does not depend on the model's size.
-  if "static_thresholds" in cfg.eval:
-    cfg.eval.static_thresholds = (0.5,)  # Keeps the three evaluations short.
   _, variables = init_variables(cfg)
   save_run(workdir, cfg, variables)  # Steps 3 and 5 (the newest).
   kwargs = dict(plots=False, instance_awareness=False, thresholds="0.8")

@@ -62,6 +62,9 @@ def small_config(variant="drnet"):
   cfg = digits.get_config(variant)
   cfg.train.stage1.steps = 3
   cfg.train.stage2.steps = 2
+  # One static threshold: the default sweeps 20, a pass over the test split each (test_dynamics.py
+  # tests the static counterpart).
+  cfg.eval.static_thresholds = (0.5,)
   if variant == "drnet":
     cfg.model.num_nodes = 2
     cfg.model.init_channels = 4
