@@ -27,6 +27,8 @@ import time
 
 import pytest
 
+from conftest import xla_flags  # pylint: disable=g-bad-import-order
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,10 +49,7 @@ def _env(local_devices):
          or not k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "JAX_", "XLA_FLAGS"))}
   env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-             # Optimization level 0 halves XLA:CPU compile times; both sides of every comparison
-             # use the same flags.
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices} "
-                       "--xla_backend_optimization_level=0")
+             XLA_FLAGS=xla_flags(local_devices))  # The suite's flags: both sides of a comparison.
   return env
 
 
