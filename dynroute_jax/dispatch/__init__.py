@@ -40,9 +40,9 @@ Strategies (all give the same values as 'dense', up to float rounding of the ord
                  pass; `branching='cond_chain'` (one two-way cond per bucket) avoids the copy at the
                  price of one predicate per bucket.
   'chunk'        a `while_loop` over the compacted rows in chunks of `chunk` rows (whole chunks only),
-                 then a short tail: one `lax.cond` per power-of-two fraction of a chunk (chunk/2,
-                 chunk/4, ... down to chunk / 2**tail_levels rows), so at most chunk / 2**tail_levels - 1
-                 padding rows are computed per site. Results are scattered into the output carry in
+                 then a second loop over the rest in grains of chunk / 2**tail_levels rows, so at
+                 most chunk / 2**tail_levels - 1 padding rows are computed per site, and each site
+                 compiles two copies of its function. Results are scattered into the output carry in
                  place; with zero selected rows the loop runs zero times and nothing is written;
                  with every row selected, one cond runs the function on the batch as it is.
   'auto'         `default_strategy(jax.default_backend(), B)`.
