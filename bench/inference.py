@@ -11,12 +11,13 @@ threshold=T, strategy=...`) on the same inputs and variables, and
   efficiency = speedup / ideal  (eff_best: the same from the fastest run of each)
 
 Models:
-  r110            CoDiNet routed ResNet-110 (configs/codinet_cifar10.py:resnet110), 32x32x3 inputs.
+  r74, r110       CoDiNet routed ResNet-74 / ResNet-110 (configs/codinet_cifar10.py:resnet74 /
+                  :resnet110), 32x32x3 inputs.
   drnet_s         DRNet S (configs/drnet_cifar10.py:S), 32x32x3 inputs.
   digits_codinet  the trained digits models (configs/digits.py:codinet / :drnet, 8x8x1 test
   digits_drnet    images) with their real routers; pass their work directories.
 
-r110 and drnet_s use random weights with the BN statistics of their inference-time inputs
+r74, r110 and drnet_s use random weights with the BN statistics of their inference-time inputs
 (`recalibrate_batch_stats`: activations and logits of O(10), as in a trained network) and
 controlled decisions (see `calibrate_codinet` and
 `calibrate_drnet`): the routers' last dense layer is rewritten so that each routed unit runs for
@@ -71,7 +72,8 @@ from dynroute_jax.models import drnet as drnet_lib  # noqa: E402
 
 import _timing  # noqa: E402
 
-MODELS = ("r110", "drnet_s", "digits_codinet", "digits_drnet")
+MODELS = ("r74", "r110", "drnet_s", "digits_codinet", "digits_drnet")
+RESNETS = {"r74": "resnet74", "r110": "resnet110"}  # bench name -> codinet_cifar10 variant
 STRATEGIES = ("dense", "batch_cond", "per_example", "compact", "chunk")
 SEPCONV = [drnet_lib.BRANCHES.index("sep_conv_3x3"), drnet_lib.BRANCHES.index("sep_conv_5x5")]
 
@@ -372,15 +374,16 @@ def calibrate_drnet(bench: Bench, variables: dict, x_cal: jax.Array, p: float, t
 
 
 def build_controlled(name: str, args) -> tuple[Bench, dict, float, str]:
-  """Bench, base variables, threshold and a note on their scale, of r110 / drnet_s (random weights).
+  """Bench, base variables, threshold and a note on their scale, of r74 / r110 / drnet_s (random
+  weights).
 
-  The BN statistics come from `recalibrate_batch_stats` on random images; for ResNet-110 on its
+  The BN statistics come from `recalibrate_batch_stats` on random images; for the ResNets on their
   unscanned twin (the interception it uses cannot reach into `nn.scan`), whose variables are then
   stacked into the scanned layout that is timed.
   """
   from configs import codinet_cifar10, drnet_cifar10  # pylint: disable=g-import-not-at-top
-  if name == "r110":
-    cfg = codinet_cifar10.get_config("resnet110")
+  if name in RESNETS:
+    cfg = codinet_cifar10.get_config(RESNETS[name])
     threshold = 0.5
   else:
     cfg = drnet_cifar10.get_config("S")
@@ -391,7 +394,7 @@ def build_controlled(name: str, args) -> tuple[Bench, dict, float, str]:
   bench = Bench(name, model, cfg.model.name, shape, tau=1.0)
   x_stats = random_images(jax.random.key(7), 64, shape)
   call = dict(tau=1.0, threshold=None, strategy="dense")
-  if name == "r110":
+  if name in RESNETS:
     twin_cfg = cfg.model.copy_and_resolve_references()
     twin_cfg.scan_blocks = False
     twin = models.build_model(twin_cfg)
@@ -470,7 +473,7 @@ def run_model(name: str, args, rng: np.random.Generator, emit: Callable[[str], N
   """Times every strategy on `name` at each batch and level; `emit` gets each printed line."""
   t0 = time.perf_counter()
   levels = {}  # p -> (variables, threshold, x_pool for batch 1, pool fractions)
-  if name in ("r110", "drnet_s"):
+  if name in (*RESNETS, "drnet_s"):
     bench, variables, threshold, note = build_controlled(name, args)
     emit(note)
     x_cal = random_images(jax.random.key(11), args.calib_batch, bench.image_shape)
@@ -559,7 +562,7 @@ def main(argv=None):
   ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                   help="also time the 'ceiling' row: the dense model on batch / ideal rows")
   ap.add_argument("--calib_batch", type=int, default=64,
-                  help="calibration batch of the controlled decisions (r110, drnet_s)")
+                  help="calibration batch of the controlled decisions (r74, r110, drnet_s)")
   ap.add_argument("--digits_codinet_workdir", default="")
   ap.add_argument("--digits_drnet_workdir", default="")
   ap.add_argument("--results", default="",
