@@ -57,7 +57,7 @@ VARIANTS = {
     "chunk_notail": dispatch.Chunk(tail_levels=0),
     "chunk16": dispatch.Chunk(chunk=16, tail_levels=1),
     "chunk64": dispatch.Chunk(chunk=64, tail_levels=3),
-    "chunk_binary": dispatch.Chunk(chunk=128, tail_levels=4),  # Tail grains of 8 rows.
+    "chunk128": dispatch.Chunk(chunk=128, tail_levels=4),  # Tail grains of 8 rows.
 }
 DEFAULT_VARIANTS = ("dense", "batch_cond", "per_example", "compact", "compact_chain",
                     "chunk_notail", "chunk")
