@@ -49,8 +49,9 @@ Strategies (all give the same values as 'dense', up to float rounding of the ord
 
 Batch size 1: every strategy but 'dense' becomes a single `lax.cond` on the one example.
 
-Padding rows (bucket or chunk rows beyond the count) are the first *unselected* rows of the batch, or
-zero rows past its end; their results are dropped by the scatter (mode='drop'), never written.
+Padding rows (bucket or chunk rows beyond the count) are *unselected* rows of the batch: the first
+ones, then the last one again where a chunk runs past the end of the batch. Their results are
+dropped by the scatter (mode='drop'), never written.
 
 In-place updates. `select_apply` with `fallback_B=None` (or `fallback_B is x_B`) means "identity": the
 output carry starts as `x` itself and each selected row is read from the carry and overwritten by

@@ -57,8 +57,13 @@ def where_rows(mask_B: Array, a: PyTree, b: PyTree) -> PyTree:
 
 
 def gather_rows(tree: PyTree, idx_c: Array) -> PyTree:
-  """Rows idx_c of every leaf; indices >= B read zero rows (padding past the end of the batch)."""
-  return jax.tree.map(lambda a: a.at[idx_c].get(mode="fill", fill_value=0), tree)
+  """Rows idx_c of every leaf; idx_c must lie in [0, B) (indices outside are clamped).
+
+  The strategies point padding slots at unselected rows, never past the end: a gather that fills
+  out-of-range rows with zeros costs a select over every gathered element (XLA:CPU, a full pass
+  over the chunk: 2.5% of routed ResNet-74's time at batch 256).
+  """
+  return jax.tree.map(lambda a: a.at[idx_c].get(mode="clip"), tree)
 
 
 def scatter_rows(carry: PyTree, idx_c: Array, rows: PyTree, combine: str) -> PyTree:

@@ -44,8 +44,8 @@ class Site:
   Attributes:
     mask_B: [B] bool, the rows that need the function.
     masked: carry -> carry; runs the function on the whole batch and writes the mask rows only.
-    some_rows: (carry, idx_c, valid_c) -> carry; runs it on rows idx_c (an index B reads a zero row
-      past the end) and writes the valid ones back at idx_c, in place.
+    some_rows: (carry, idx_c, valid_c) -> carry; runs it on rows idx_c (each in [0, B): padding
+      slots point at unselected rows) and writes the valid ones back at idx_c, in place.
     every_row: carry -> carry; runs it on the whole batch and writes every row, with no mask: for a
       batch of one example that a `lax.cond` already found selected.
   """
@@ -295,8 +295,10 @@ class Chunk(_Compacting):
     chunk = min(_default_chunk(b) if self.chunk is None else self.chunk, b)
     grain = _grain(chunk, self.tail_levels)  # rows are processed in whole grains
     per_chunk = chunk // grain
-    # Padding keeps every dynamic slice in bounds (a clamped slice would shift the rows).
-    order_p = jnp.concatenate([order_B, jnp.full((chunk,), b, jnp.int32)])
+    # Padding keeps every dynamic slice in bounds (a clamped slice would shift the rows). It
+    # repeats the last row of the order, an unselected one (count < b here), so that every
+    # gathered index is a real row and the gather needs no zero fill.
+    order_p = jnp.concatenate([order_B, jnp.broadcast_to(order_B[-1], (chunk,))])
     units = (count + grain - 1) // grain
     n_loop = units // per_chunk
     rem = units % per_chunk  # < per_chunk grains left for the tail
