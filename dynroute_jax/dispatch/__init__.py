@@ -42,9 +42,10 @@ Strategies (all give the same values as 'dense', up to float rounding of the ord
   'chunk'        a `while_loop` over the compacted rows in chunks of `chunk` rows (whole chunks only),
                  then a second loop over the rest in grains of chunk / 2**tail_levels rows, so at
                  most chunk / 2**tail_levels - 1 padding rows are computed per site, and each site
-                 compiles two copies of its function. Results are scattered into the output carry in
-                 place; with zero selected rows the loop runs zero times and nothing is written;
-                 with every row selected, one cond runs the function on the batch as it is.
+                 compiles two copies of its function (three with the full-batch one). Results are
+                 scattered into the output carry in place; with zero selected rows the loop runs
+                 zero times and nothing is written; with every row selected, one cond runs the
+                 function on the batch as it is.
   'auto'         `default_strategy(jax.default_backend(), B)`.
 
 Batch size 1: every strategy but 'dense' becomes a single `lax.cond` on the one example.

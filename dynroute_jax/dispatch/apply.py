@@ -156,7 +156,7 @@ def _mixture_call(fns: Sequence[Callable[[PyTree], PyTree]], out_shape: PyTree, 
 
       def some_rows(carry, idx_c, valid_c, f=f, w_B=w_B):
         out_c = rows.weighted_rows(f(rows.gather_rows(x, idx_c)),
-                                   w_B.at[idx_c].get(mode="clip"))
+                                   rows.gather_rows(w_B, idx_c))
         return rows.scatter_rows(carry, jnp.where(valid_c, idx_c, run.shape[0]), out_c, "add")
 
       def masked(carry, f=f, w_B=w_B):
