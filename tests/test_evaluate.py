@@ -437,8 +437,9 @@ def test_cli_on_two_devices_matches(run, tmp_path):
   os.makedirs(wd)
   shutil.copy(os.path.join(run["workdir"], "config.json"), wd)
   shutil.copytree(os.path.join(run["workdir"], "checkpoints"), os.path.join(wd, "checkpoints"))
-  p = _cli([f"--workdir={wd}", "--thresholds=0.8", "--noplots", "--noinstance_awareness"],
-           {"XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu"})
+  # 'chunk': each device dispatches its own rows (a shard_map), and the numbers do not change.
+  p = _cli([f"--workdir={wd}", "--thresholds=0.8", "--noplots", "--noinstance_awareness",
+            "--strategy=chunk"], {"XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu"})
   assert p.returncode == 0, p.stderr[-3000:]
   with open(os.path.join(wd, "eval", "report.json")) as f:
     report = json.load(f)
@@ -446,6 +447,46 @@ def test_cli_on_two_devices_matches(run, tmp_path):
   assert report["accuracy_all"] == pytest.approx(run["report"]["accuracy_all"], abs=1e-9)
   assert report["macs_routed_mean"] == pytest.approx(run["report"]["macs_routed_mean"], rel=1e-6)
   assert "threshold" in p.stdout and "0.8*" in p.stdout
+
+
+_PER_DEVICE_SCRIPT = r"""
+import re, sys
+import numpy as np, jax
+sys.path.insert(0, "tests")
+from conftest import host_variables, make_tiny_config
+from dynroute_jax import evaluation, models, sharding
+cfg = make_tiny_config("codinet")
+model = models.build_model(cfg.model)
+images = np.random.RandomState(0).randint(0, 256, (16, 8, 8, 1)).astype(np.uint8)
+v = host_variables(model, np.zeros((1, 8, 8, 1), np.float32))
+mesh = sharding.make_mesh(cfg.mesh)
+one = evaluation.make_predict_fn(model, cfg.data, tau=1.0, routed=True, strategy="chunk")
+two = evaluation.make_predict_fn(model, cfg.data, tau=1.0, routed=True, strategy="chunk", mesh=mesh)
+batch = sharding.make_global_batch({"image": images}, mesh)["image"]
+hlo = two._jitted.lower(jax.device_put(v, sharding.replicated(mesh)), batch, np.float32(0.7),
+                        np.arange(16, dtype=np.int32), np.float32(0), None,
+                        np.float32(1)).compile().as_text()
+a, b = one(v, images, 0.7), two(v, batch, 0.7)  # 0.7: some blocks run, others not
+print("devices", mesh.devices.size, "collectives", len(re.findall(r"= [^=]*(all-gather|all-reduce)", hlo)),
+      "executed", float(np.mean(np.asarray(a["executed"]))),
+      "same", bool(np.array_equal(np.asarray(a["executed"]), np.asarray(b["executed"])) and
+                   np.allclose(np.asarray(a["logits"]), np.asarray(b["logits"]), atol=1e-5)))
+"""
+
+
+def test_routed_pass_on_two_devices_dispatches_per_device():
+  """On a mesh, each device orders, gathers and loops over its own selected rows: no collective
+  in the compiled pass (partitioned by `jit` alone, a routed pass all-gathers the batch around
+  every block), and the outputs of one device."""
+  p = subprocess.run([sys.executable, "-c", _PER_DEVICE_SCRIPT], cwd=REPO, capture_output=True,
+                     text=True, timeout=600,
+                     env=dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu"))
+  assert p.returncode == 0, p.stderr[-3000:]
+  words = p.stdout.split()
+  fields = dict(zip(words[::2], words[1::2]))
+  assert fields["devices"] == "2" and fields["same"] == "True", p.stdout
+  assert 0.0 < float(fields["executed"]) < 1.0, p.stdout  # some blocks run, some are skipped
+  assert fields["collectives"] == "0", p.stdout
 
 
 def test_restore_facade_matches_the_evaluation(run):

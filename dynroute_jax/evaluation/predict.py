@@ -16,6 +16,8 @@ from typing import Any, Iterable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -87,11 +89,18 @@ def _check_indices(indices: Any, num_images: int) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _predict_program(model: nn.Module, data_config: ml_collections.FrozenConfigDict, routed: bool,
-                     strategy: str, noise: bool, noise_seed: int):
+                     strategy: str, noise: bool, noise_seed: int, mesh: Mesh | None = None):
   """The jitted pass of `Predictor`s of these arguments (models and frozen configs compare by
   value): the predictors of one model (an evaluation's routed and static passes, the evaluation of
   an older checkpoint, the `inference` facade) trace, lower and compile each input shape once per
-  process instead of once each."""
+  process instead of once each.
+
+  On a mesh of several devices the pass is a `shard_map` over the batch axes: each device runs the
+  model on its own rows, so a routed pass orders, gathers and loops over its local selected rows.
+  Under plain `jit` XLA partitions those global orderings and gathers instead: routed ResNet-74,
+  'chunk', batch 32 on two CPU devices compiled to 430 all-gathers and 468 all-reduces and ran
+  slower than on one device (116 ms against 83 ms; per device: 44 ms).
+  """
   noise_key = jax.random.key(noise_seed)
   shape = image_shape(data_config)
 
@@ -118,7 +127,14 @@ def _predict_program(model: nn.Module, data_config: ml_collections.FrozenConfigD
         "router_probs": out.router_probs,
     }
 
-  return jax.jit(predict)
+  if mesh is None or mesh.devices.size == 1:
+    return jax.jit(predict)
+  rows, same = P(sharding.BATCH_AXES), P()
+  # Arguments: variables, images, threshold, indices, noise_std, router_override, tau.
+  per_device = jax.shard_map(predict, mesh=mesh,
+                             in_specs=(same, rows, same, rows, same, same, same),
+                             out_specs=rows, check_vma=False)
+  return jax.jit(per_device)
 
 
 class Predictor:
@@ -128,11 +144,14 @@ class Predictor:
   images' shape and dtype and the threshold before anything is traced or compiled. With
   `noise=True`, Gaussian noise of standard deviation `noise_std` (normalised units) is added after
   normalisation; example i (its index in the dataset, `indices`) always gets the same noise,
-  drawn from fold_in(key(noise_seed), i), whatever the batching.
+  drawn from fold_in(key(noise_seed), i), whatever the batching. With a `mesh` of several devices
+  each device runs the model on its slice of the batch (which must split evenly over the mesh),
+  and a routed pass dispatches that slice's selected rows on that device.
   """
 
   def __init__(self, model: nn.Module, data_config, *, tau: float, routed: bool,
-               strategy: str = "dense", noise: bool = False, noise_seed: int = NOISE_SEED):
+               strategy: str = "dense", noise: bool = False, noise_seed: int = NOISE_SEED,
+               mesh: Mesh | None = None):
     self.image_shape = image_shape(data_config)
     self.routed = routed
     self.noise = noise
@@ -141,7 +160,7 @@ class Predictor:
     # steps of an annealed stage) share one compiled pass, in memory and in the persistent cache.
     self._tau = np.float32(tau)
     args = (model, ml_collections.FrozenConfigDict(data_config), routed, strategy, noise,
-            noise_seed)
+            noise_seed, mesh)
     try:
       self._jitted = _predict_program(*args)
     except TypeError:  # A model with an unhashable field: a program of its own.
@@ -175,9 +194,11 @@ class Predictor:
 
 
 def make_predict_fn(model: nn.Module, data_config, *, tau: float, routed: bool,
-                    strategy: str = "dense", noise: bool = False) -> Predictor:
+                    strategy: str = "dense", noise: bool = False,
+                    mesh: Mesh | None = None) -> Predictor:
   """A (variables, images_uint8, threshold) -> per-example outputs function (see `Predictor`)."""
-  return Predictor(model, data_config, tau=tau, routed=routed, strategy=strategy, noise=noise)
+  return Predictor(model, data_config, tau=tau, routed=routed, strategy=strategy, noise=noise,
+                   mesh=mesh)
 
 
 def run_dataset(predict_fn, variables: PyTree, ds, data_config, mesh, batch_size: int,
@@ -254,7 +275,7 @@ def make_passes(model: nn.Module, config, variables: PyTree, mesh, *, tau: float
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put(variables, replicated)
   dc = config.data
-  return Passes(predict_all=make_predict_fn(model, dc, tau=tau, routed=False),
+  return Passes(predict_all=make_predict_fn(model, dc, tau=tau, routed=False, mesh=mesh),
                 predict_routed=make_predict_fn(model, dc, tau=tau, routed=True, strategy=strategy,
-                                               noise=noise),
+                                               noise=noise, mesh=mesh),
                 variables=variables, mesh=mesh, batch_size=config.eval.batch_size)
