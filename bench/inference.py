@@ -35,6 +35,11 @@ Batch 1 runs the example (of the calibration pool / test split) whose executed f
 closest to the target. Every strategy's logits and decisions are checked against 'dense'
 (`dlogit` = max |difference|, `agree` = fraction of equal decisions).
 
+`--devices N` splits every timed batch (and the ceiling's rows) over N CPU devices with a
+`shard_map`: each device runs the model and dispatches its own rows, as the evaluation does on a
+mesh. XLA:CPU runs the N programs in parallel; one device leaves a 2-core machine half idle in
+the many small, single-threaded ops of a routed (and even a dense) forward pass.
+
 Timings are interleaved (`bench/_timing.py`): every strategy once per round, shuffled; medians,
 and the spread of the same-round ratios (`eff_range`). The load average is printed at the start and
 the end; `--results FILE` appends the table to FILE only when the start's load average is at most
@@ -43,6 +48,8 @@ the end; `--results FILE` appends the table to FILE only when the start's load a
   python bench/inference.py                                   # everything (slow on a small CPU)
   python bench/inference.py --models r110 --batch 256 --fractions 0.5 --repeats 3 \
       --strategies dense chunk compact
+  python bench/inference.py --models r74 --batch 256 32 --fractions 0.5 --devices 2 \
+      --strategies dense chunk
   python bench/inference.py --models digits_codinet digits_drnet \
       --digits_codinet_workdir runs/digits_codinet --digits_drnet_workdir runs/digits_drnet
 """
@@ -61,6 +68,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,9 +101,14 @@ class Bench:
     self.name, self.model, self.kind, self.image_shape, self.tau = name, model, kind, image_shape, tau
     self._fns: dict[tuple, Callable] = {}
 
-  def apply_fn(self, strategy: str, thresholded: bool, capture: bool = False) -> Callable:
-    """jit(variables, x, threshold) -> dict of logits, executed [B, S], path, executed_macs."""
-    key = (strategy, thresholded, capture)
+  def apply_fn(self, strategy: str, thresholded: bool, capture: bool = False,
+               mesh: Mesh | None = None) -> Callable:
+    """jit(variables, x, threshold) -> dict of logits, executed [B, S], path, executed_macs.
+
+    With a `mesh` of several devices, a `shard_map` over its 'b' axis: each device runs the model
+    (and dispatches) on its slice of the batch, as `evaluation.Predictor` does on a mesh.
+    """
+    key = (strategy, thresholded, capture, mesh)
     if key not in self._fns:
       def f(variables, x, threshold):
         kwargs = dict(train=False, tau=self.tau, threshold=threshold if thresholded else None,
@@ -114,6 +129,14 @@ class Bench:
         if capture:
           res["router_logits"] = jnp.stack(router_logits, axis=1)  # [B, L, C, K]
         return res
+      if mesh is not None and mesh.devices.size > 1:
+        rows, same = P("b"), P()
+        out_specs = dict(logits=rows, executed=rows, path=rows, executed_macs=rows,
+                         macs_all=same, macs_fixed=same)
+        if capture:
+          out_specs["router_logits"] = rows
+        f = jax.shard_map(f, mesh=mesh, in_specs=(same, rows, same), out_specs=out_specs,
+                          check_vma=False)
       self._fns[key] = jax.jit(f)
     return self._fns[key]
 
@@ -469,6 +492,13 @@ HEADER = (f"{'model':<15} {'batch':>5} {'target':>6} {'frac':>5} {'T':>6} {'stra
           f"{'eff_best':>8} {'compile_s':>9} {'dlogit':>8} {'agree':>6}")
 
 
+def place(tree: Any, mesh: Mesh | None, replicate: bool = False) -> Any:
+  """`tree` on `mesh`: replicated, or split along its leading (batch) axis; as is without one."""
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, NamedSharding(mesh, P() if replicate else P("b")))
+
+
 def run_model(name: str, args, rng: np.random.Generator, emit: Callable[[str], None]) -> None:
   """Times every strategy on `name` at each batch and level; `emit` gets each printed line."""
   t0 = time.perf_counter()
@@ -502,6 +532,7 @@ def run_model(name: str, args, rng: np.random.Generator, emit: Callable[[str], N
        f"{time.perf_counter() - t0:.0f} s; calibration-set routed fraction per level: "
        + ", ".join(f"{p}: {fr.mean():.3f}" for p, (_, _, _, fr) in levels.items()))
 
+  mesh = args.mesh
   for b in args.batch:
     compiled, compile_s = {}, {}
     for p in args.fractions:
@@ -511,10 +542,11 @@ def run_model(name: str, args, rng: np.random.Generator, emit: Callable[[str], N
       else:
         x = batch_x(b)
       thr_arr = jnp.float32(thr)
+      v, x = place(v, mesh, replicate=True), place(x, mesh)
       for s in args.strategies:
         if s not in compiled:
           t1 = time.perf_counter()
-          compiled[s] = bench.apply_fn(s, True).lower(v, x, thr_arr).compile()
+          compiled[s] = bench.apply_fn(s, True, mesh=mesh).lower(v, x, thr_arr).compile()
           compile_s[s] = time.perf_counter() - t1
       outs = {s: jax.block_until_ready(compiled[s](v, x, thr_arr)) for s in args.strategies}
       ref = outs.get("dense", outs[args.strategies[0]])
@@ -527,11 +559,13 @@ def run_model(name: str, args, rng: np.random.Generator, emit: Callable[[str], N
       if args.ceiling and b > 1 and "dense" in args.strategies:
         # The dense model on b / ideal rows: what a dispatcher with no overhead at all would take
         # if every routed unit ran on that many rows (fixed parts shrink too: an upper bound).
-        n = max(1, round(b / ideal))
+        d = 1 if mesh is None else mesh.devices.size  # rows split evenly over the devices
+        n = max(d, d * round(b / ideal / d))
+        xn = place(x[:n], mesh)
         t1 = time.perf_counter()
-        ceiling = bench.apply_fn("dense", True).lower(v, x[:n], thr_arr).compile()
+        ceiling = bench.apply_fn("dense", True, mesh=mesh).lower(v, xn, thr_arr).compile()
         compile_s["ceiling"] = time.perf_counter() - t1
-        fns["ceiling"] = lambda: ceiling(v, x[:n], thr_arr)
+        fns["ceiling"] = lambda: ceiling(v, xn, thr_arr)
         names.append("ceiling")
       times = _timing.interleaved_times(fns, args.repeats, rng, warmup="ceiling" in fns)
       stats = _timing.speedups(times, "dense")
@@ -565,12 +599,21 @@ def main(argv=None):
                   help="calibration batch of the controlled decisions (r74, r110, drnet_s)")
   ap.add_argument("--digits_codinet_workdir", default="")
   ap.add_argument("--digits_drnet_workdir", default="")
+  ap.add_argument("--devices", type=int, default=1,
+                  help="CPU devices to split each batch over (a shard_map: each device runs the "
+                       "model and dispatches on its rows; XLA:CPU runs the devices in parallel)")
   ap.add_argument("--results", default="",
                   help="markdown file to append the table to (e.g. bench/RESULTS.md); only when "
                        "the load average at the start is at most --max_load")
   ap.add_argument("--max_load", type=float, default=1.0,
                   help="highest 1-minute load average at the start a recorded table may have")
   args = ap.parse_args(argv)
+  if args.devices < 1 or any(b % args.devices for b in args.batch):
+    ap.error(f"--batch values must be multiples of --devices={args.devices}; got {args.batch}.")
+  if args.devices > 1:  # before anything initialises the CPU backend
+    jax.config.update("jax_num_cpu_devices", args.devices)
+  args.mesh = (None if args.devices == 1 else
+               Mesh(np.array(jax.devices()[:args.devices]), ("b",)))
   rng = np.random.default_rng(0)
   load_start = _timing.load_average()
   lines: list[str] = []
@@ -579,10 +622,11 @@ def main(argv=None):
     print(line, flush=True)
     lines.append(line)
 
+  auto = [dispatch.default_strategy(jax.default_backend(), b // args.devices) for b in args.batch]
   emit(f"platform: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax "
-       f"{jax.__version__}, {os.cpu_count()} CPUs; auto -> "
-       f"{[dispatch.default_strategy(jax.default_backend(), b) for b in args.batch]} for batch "
-       f"{args.batch}")
+       f"{jax.__version__}, {os.cpu_count()} CPUs; auto -> {auto} for batch {args.batch}; "
+       + ("one device" if args.mesh is None
+          else f"each batch split over {args.devices} devices (shard_map)"))
   emit(f"load average {load_start:.2f} at the start (an idle machine reads below ~1)")
   emit("frac = routed MACs executed / routed MACs (dense run of the timed batch); ideal and eff "
        "count all MACs (fixed parts included); eff = median of same-round ratios / ideal, "
