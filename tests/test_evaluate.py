@@ -437,9 +437,8 @@ def test_cli_on_two_devices_matches(run, tmp_path):
   os.makedirs(wd)
   shutil.copy(os.path.join(run["workdir"], "config.json"), wd)
   shutil.copytree(os.path.join(run["workdir"], "checkpoints"), os.path.join(wd, "checkpoints"))
-  # 'chunk': each device dispatches its own rows (a shard_map), and the numbers do not change.
-  p = _cli([f"--workdir={wd}", "--thresholds=0.8", "--noplots", "--noinstance_awareness",
-            "--strategy=chunk"], {"XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu"})
+  p = _cli([f"--workdir={wd}", "--thresholds=0.8", "--noplots", "--noinstance_awareness"],
+           {"XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu"})
   assert p.returncode == 0, p.stderr[-3000:]
   with open(os.path.join(wd, "eval", "report.json")) as f:
     report = json.load(f)
