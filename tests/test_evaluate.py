@@ -317,6 +317,18 @@ def test_predict_fn_checks_images_before_compiling(run):
     predictor(v, [[1, 2]], 0.8)
 
 
+def test_a_one_device_mesh_shares_the_program_made_without_a_mesh(run):
+  """The evaluation (a mesh) and the `inference` facade (no mesh) of one model on one device
+  compile each input shape once between them, not once each."""
+  from dynroute_jax import sharding  # pylint: disable=g-import-not-at-top
+  cfg, model = run["cfg"], run["model"]
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  plain = evaluation.make_predict_fn(model, cfg.data, tau=1.0, routed=True, strategy="chunk")
+  on_mesh = evaluation.make_predict_fn(model, cfg.data, tau=1.0, routed=True, strategy="chunk",
+                                       mesh=mesh)
+  assert on_mesh._jitted is plain._jitted
+
+
 def test_predictors_of_different_temperatures_share_one_compiled_pass(run):
   """The temperature is an argument of the compiled pass, not a constant of it: checkpoints of an
   annealed stage (one temperature each) reuse one compilation, in memory and on disk."""

@@ -159,6 +159,8 @@ class Predictor:
     # An argument, not a constant of the graph: checkpoints of different temperatures (earlier
     # steps of an annealed stage) share one compiled pass, in memory and in the persistent cache.
     self._tau = np.float32(tau)
+    if mesh is not None and mesh.devices.size == 1:
+      mesh = None  # One program for one device, shared with the predictors made without a mesh.
     args = (model, ml_collections.FrozenConfigDict(data_config), routed, strategy, noise,
             noise_seed, mesh)
     try:
