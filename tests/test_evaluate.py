@@ -478,7 +478,8 @@ hlo = two._jitted.lower(jax.device_put(v, sharding.replicated(mesh)), batch, np.
                         np.arange(16, dtype=np.int32), np.float32(0), None,
                         np.float32(1)).compile().as_text()
 a, b = one(v, images, 0.7), two(v, batch, 0.7)  # 0.7: some blocks run, others not
-print("devices", mesh.devices.size, "collectives", len(re.findall(r"= [^=]*(all-gather|all-reduce)", hlo)),
+collectives = len(re.findall(r"= [^=]*(all-gather|all-reduce)", hlo))
+print("devices", mesh.devices.size, "collectives", collectives,
       "executed", float(np.mean(np.asarray(a["executed"]))),
       "same", bool(np.array_equal(np.asarray(a["executed"]), np.asarray(b["executed"])) and
                    np.allclose(np.asarray(a["logits"]), np.asarray(b["logits"]), atol=1e-5)))

@@ -254,9 +254,10 @@ class Chunk(_Compacting):
   The rest (fewer than `chunk` rows) runs in grains of chunk / 2**tail_levels rows, so at most
   chunk / 2**tail_levels - 1 padding rows are computed per site. The tail is a second `while_loop`
   of at most 2**tail_levels - 1 trips, so each site holds two compiled copies of its function
-  (the chunk and the grain) whatever `tail_levels` is, besides the full-batch one below. A tail of one `lax.cond` per halving
-  (chunk/2, chunk/4, ...) held a copy per cond: DRNet S at batch 32 compiled in 48.7 s with those
-  conds, 36.1 s with the loop, at the same speed (skipping efficiency 0.88 and 0.89, CPU).
+  (the chunk and the grain) whatever `tail_levels` is, besides the full-batch one below. A tail
+  of one `lax.cond` per halving (chunk/2, chunk/4, ...) held a copy per cond: DRNet S at batch 32
+  compiled in 48.7 s with those conds, 36.1 s with the loop, at the same speed (skipping
+  efficiency 0.88 and 0.89, CPU).
   Results are scattered into the carry in place; with zero selected rows the loops run zero
   times and nothing is written. With every row selected, a `lax.cond` runs the function on the
   batch as it is instead (no gather, scatter or loop: routed ResNet-110, CPU, every block

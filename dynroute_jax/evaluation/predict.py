@@ -127,7 +127,7 @@ def _predict_program(model: nn.Module, data_config: ml_collections.FrozenConfigD
         "router_probs": out.router_probs,
     }
 
-  if mesh is None or mesh.devices.size == 1:
+  if mesh is None:  # `Predictor` passes None for a one-device mesh
     return jax.jit(predict)
   rows, same = P(sharding.BATCH_AXES), P()
   # Arguments: variables, images, threshold, indices, noise_std, router_override, tau.
