@@ -126,16 +126,13 @@ def _route_teardown_noise() -> None:
 def final_error(message: str) -> None:
   """Prints `message` as the program's last console line and keeps the teardown quiet after it.
 
-  The line is written with one call, so that other threads' output cannot split it. Only the
-  interpreter's shutdown follows; what the libraries say while their background threads wind down
-  (orbax errors about the save that already failed, in its log or as its threads' uncaught
-  exceptions, never-awaited coroutines) goes to the debug log only, in verbose runs too: the error
-  and its traceback are already logged.
+  Only the interpreter's shutdown follows; what the libraries say while their background threads
+  wind down (orbax errors about the save that already failed, in its log or as its threads'
+  uncaught exceptions, never-awaited coroutines) goes to the debug log only. The console's file
+  descriptors are pointed at /dev/null before the message is written to a copy of stderr's: a
+  thread that had already passed its logger's level check, or writes to stderr directly, cannot
+  print below the message (orbax's failed commit did, at random, under the disk-full fault test).
   """
-  sys.stdout.flush()
-  sys.stderr.flush()
-  sys.stderr.write(message + "\n")
-  sys.stderr.flush()
   logging.set_verbosity(logging.FATAL)
   for name in QUIET_LOGGERS:
     py_logging.getLogger(name).setLevel(py_logging.CRITICAL)
@@ -144,6 +141,17 @@ def final_error(message: str) -> None:
   threading.excepthook = lambda args: logging.debug(
       "After the error, thread %s: %r", getattr(args.thread, "name", "?"), args.exc_value)
   warnings.simplefilter("ignore")
+  sys.stdout.flush()
+  sys.stderr.flush()
+  console = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    for fd in (1, 2):
+      os.dup2(devnull, fd)
+    os.write(console, (message + "\n").encode())  # one call: nothing can split the line
+  finally:
+    os.close(devnull)
+    os.close(console)
 
 
 def import_quietly(name: str) -> types.ModuleType | None:

@@ -78,13 +78,19 @@ def test_nothing_prints_after_the_final_error():
   # threading excepthook printed that traceback below the program's one-line error. The disk-full
   # fault test caught it at random; here a thread raises after the error, every time.
   code = textwrap.dedent("""
-      import threading, warnings
+      import os, sys, threading, warnings
       from dynroute_jax import console
       console.final_error("main: error: OSError: disk full")
       thread = threading.Thread(target=lambda: open("/nonexistent/dir/file", "w"), name="save")
       thread.start()
       thread.join()
       warnings.warn("late")
+      # A thread already past every hook and level check (orbax's failed commit, logging its
+      # traceback): it printed below the error at random before the console was closed.
+      late = threading.Thread(target=lambda: (sys.stderr.write("late traceback\\n"),
+                                              os.write(2, b"late fd 2\\n"), print("late stdout")))
+      late.start()
+      late.join()
   """)
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                         check=False)
