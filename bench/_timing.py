@@ -9,6 +9,7 @@ median of their same-round ratios to a reference variant, plus the ratio of thei
 from __future__ import annotations
 
 import os
+import platform
 import time
 from typing import Any, Callable, Mapping
 
@@ -72,3 +73,19 @@ def load_average() -> float:
     return os.getloadavg()[0]
   except (AttributeError, OSError):
     return float("nan")
+
+
+def host() -> str:
+  """The machine's processor model and CPU count, e.g. 'Intel(R) Xeon(R) Processor, 2 CPUs'.
+
+  Printed with every figure: the same code runs 1.5-2x slower on one 2-core machine than on
+  another, so a time means little without the processor it ran on.
+  """
+  model = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("model name")), "")
+  except OSError:
+    pass
+  return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"

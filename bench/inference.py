@@ -624,7 +624,7 @@ def main(argv=None):
 
   auto = [dispatch.default_strategy(jax.default_backend(), b // args.devices) for b in args.batch]
   emit(f"platform: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax "
-       f"{jax.__version__}, {os.cpu_count()} CPUs; auto -> {auto} for batch {args.batch}; "
+       f"{jax.__version__}, {_timing.host()}; auto -> {auto} for batch {args.batch}; "
        + ("one device" if args.mesh is None
           else f"each batch split over {args.devices} devices (shard_map)"))
   emit(f"load average {load_start:.2f} at the start (an idle machine reads below ~1)")

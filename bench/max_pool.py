@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -24,6 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dynroute_jax.models import ops  # noqa: E402
+
+import _timing  # noqa: E402  (bench/_timing.py)
 
 SHAPES = [(64, 8, 8, 24), (64, 4, 4, 48), (64, 32, 32, 16), (32, 16, 16, 32)]
 
@@ -48,7 +51,7 @@ def median_ms(fn, *args, n: int = 30) -> float:
 
 def main() -> None:
   print(f"load average {os.getloadavg()[0]:.2f} at start; jax {jax.__version__} "
-        f"{jax.default_backend()}")
+        f"{jax.default_backend()}; {_timing.host()}")
   print("| map, stride | XLA fwd / fwd+bwd ms | ours fwd / fwd+bwd ms | compile s XLA / ours |")
   print("|---|---|---|---|")
   for shape in SHAPES:

@@ -104,6 +104,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+import _timing  # noqa: E402  (bench/_timing.py)
 import train_step as ts  # noqa: E402  (bench/train_step.py)
 from dynroute_jax import input_pipeline, models, sharding, train  # noqa: E402
 from dynroute_jax.models import drnet  # noqa: E402
@@ -623,7 +624,8 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   load = os.getloadavg()[0]
   print(f"load average {load:.2f} at start (measure with it below ~1); torch {torch.__version__} "
-        f"threads {torch.get_num_threads()}; jax {jax.__version__} {jax.default_backend()}",
+        f"threads {torch.get_num_threads()}; jax {jax.__version__} {jax.default_backend()}; "
+        f"{_timing.host()}",
         flush=True)
 
   file, arg, num_train = ts.CIFAR[args.model]

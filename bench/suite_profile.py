@@ -28,6 +28,8 @@ import time
 
 import pytest
 
+import _timing
+
 ENV_VAR = "DYNROUTE_SUITE_PROFILE"
 # jax.monitoring duration events kept, by short name.
 EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
@@ -71,7 +73,7 @@ def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
   yield
   own2, children2 = _cpu()
   jax_s = {k: round(v - before.get(k, 0), 3) for k, v in _totals.items() if v != before.get(k, 0)}
-  row = dict(id=item.nodeid, start=start, wall=time.time() - start, self=own2 - own,
+  row = dict(id=item.nodeid, host=_timing.host(), start=start, wall=time.time() - start, self=own2 - own,
              children=children2 - children, jax=jax_s)
   path = pathlib.Path(out_dir)
   path.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,8 @@ def report(out_dir: str) -> str:
   if not rows:
     return f"no records in {out_dir}"
   cpu = lambda r: r["self"] + r["children"]
-  lines = [f"{len(rows)} tests, {sum(map(cpu, rows)) / 60:.1f} CPU-minutes "
+  hosts = sorted({r.get("host", "host not recorded") for r in rows})
+  lines = [f"on {' and '.join(hosts)}: {len(rows)} tests, {sum(map(cpu, rows)) / 60:.1f} CPU-minutes "
            f"({sum(r['self'] for r in rows):.0f} s in the workers, "
            f"{sum(r['children'] for r in rows):.0f} s in subprocesses)",
            f"{'CPU s':>7} {'own':>7} {'trace':>6} {'lower':>6} {'compile':>7} {'n':>5}  file"]

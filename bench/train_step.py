@@ -36,12 +36,15 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+
+import _timing  # noqa: E402  (bench/_timing.py)
 
 from dynroute_jax import input_pipeline, losses, sharding, train  # noqa: E402
 from dynroute_jax import models  # noqa: E402
@@ -275,7 +278,7 @@ def main(argv=None):
       parser.error(f"unknown model {n!r}; choose from {', '.join(known)}")
   dev = jax.devices()
   print(f"platform: {jax.default_backend()} ({len(dev)} x {dev[0].device_kind}), jax {jax.__version__}, "
-        f"stage {args.stage}, {args.steps} timed steps, batch {args.batch or 'per config'}", flush=True)
+        f"{_timing.host()}, stage {args.stage}, {args.steps} timed steps, batch {args.batch or 'per config'}", flush=True)
   rows = []
   for n in names:
     rows.append(bench_model(n, *known[n], args))
