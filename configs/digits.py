@@ -16,7 +16,9 @@ Augmentation: random crop with 1 pixel of zero padding (no flip: digits are not 
 
 Expected on an idle 2-core CPU, compilation and evaluation included: drnet 2m16s with an empty
 compilation cache and 1m46s on a second run, training from 32 s and 13 s on (measured 2026-12-05;
-another 2-core machine took about twice as long for the same code); codinet has not been timed. Targets on the test split:
+another 2-core machine took about twice as long for the same code; on 2026-12-06 an Intel Xeon
+2-core machine took 2m33s and 2m03s, and 4m25s and 2m56s when it ran slow); codinet has not been
+timed. Targets on the test split:
 accuracy with all branches >= 0.95; routed accuracy within 1.5 points of it at <= 0.7 x the MACs.
 The evaluation writes WORKDIR/eval/report.json (accuracy_all, accuracy_routed, macs_all,
 macs_routed_mean, and the threshold sweep).
