@@ -166,7 +166,8 @@ def run(args):
   macs = block_macs(args.blocks)
   rng = np.random.default_rng(0)
   print(f"platform: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
-        f"{_timing.host()}; {3 * args.blocks} routed blocks, {macs.sum() / 1e6:.1f}M MACs per example (all run)")
+        f"{_timing.host()}; {3 * args.blocks} routed blocks, {macs.sum() / 1e6:.1f}M MACs per "
+        "example (all run)")
   print(f"auto -> {[dispatch.default_strategy(jax.default_backend(), b) for b in args.batch]} "
         f"for batch {args.batch}")
   header = (f"{'batch':>5} {'p':>5} {'strategy':<13} {'ms':>9} {'img/s':>9} {'speedup':>8} "

@@ -31,6 +31,7 @@ import pytest
 import _timing
 
 ENV_VAR = "DYNROUTE_SUITE_PROFILE"
+HOST = _timing.host()  # Recorded with every test: a time means little without the processor.
 # jax.monitoring duration events kept, by short name.
 EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
           "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
@@ -73,7 +74,7 @@ def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
   yield
   own2, children2 = _cpu()
   jax_s = {k: round(v - before.get(k, 0), 3) for k, v in _totals.items() if v != before.get(k, 0)}
-  row = dict(id=item.nodeid, host=_timing.host(), start=start, wall=time.time() - start, self=own2 - own,
+  row = dict(id=item.nodeid, host=HOST, start=start, wall=time.time() - start, self=own2 - own,
              children=children2 - children, jax=jax_s)
   path = pathlib.Path(out_dir)
   path.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,8 @@ def report(out_dir: str) -> str:
     return f"no records in {out_dir}"
   cpu = lambda r: r["self"] + r["children"]
   hosts = sorted({r.get("host", "host not recorded") for r in rows})
-  lines = [f"on {' and '.join(hosts)}: {len(rows)} tests, {sum(map(cpu, rows)) / 60:.1f} CPU-minutes "
+  lines = [f"on {' and '.join(hosts)}: {len(rows)} tests, "
+           f"{sum(map(cpu, rows)) / 60:.1f} CPU-minutes "
            f"({sum(r['self'] for r in rows):.0f} s in the workers, "
            f"{sum(r['children'] for r in rows):.0f} s in subprocesses)",
            f"{'CPU s':>7} {'own':>7} {'trace':>6} {'lower':>6} {'compile':>7} {'n':>5}  file"]
