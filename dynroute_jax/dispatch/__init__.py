@@ -64,8 +64,9 @@ Platform defaults (`default_strategy`):
   cpu  measured (bench/dispatch.py, bench/RESULTS.md): 'chunk' for B > 1; B = 1 is a single cond.
        Small chunks cost most where XLA:CPU convolves with Eigen (convolutions with at most 16
        channels: YNNPACK takes only wider ones), which gains little from a second core below about
-       16 rows. At B = 32 'compact' with 16 buckets and `branching='cond_chain'` was 5-8% faster
-       on the CIFAR ResNets, compiling 1.7x longer; at B = 256 it was slower.
+       16 rows. At B = 32 'compact' with 16 buckets and `branching='cond_chain'` was 7-8% faster
+       on the CIFAR ResNets (ResNet-110 on every site, ResNet-74 on its 16-channel sites),
+       compiling 1.7x longer; at B = 256 it was slower.
   tpu  conditionals and loop predicates are evaluated on the device: 'compact' (big static shapes suit
        the matrix unit). NOT measured yet.
   gpu  NOT measured yet, provisional. Each conditional or while-loop predicate makes the host wait for
