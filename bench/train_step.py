@@ -278,7 +278,8 @@ def main(argv=None):
       parser.error(f"unknown model {n!r}; choose from {', '.join(known)}")
   dev = jax.devices()
   print(f"platform: {jax.default_backend()} ({len(dev)} x {dev[0].device_kind}), jax {jax.__version__}, "
-        f"{_timing.host()}, stage {args.stage}, {args.steps} timed steps, batch {args.batch or 'per config'}", flush=True)
+        f"{_timing.host()}, stage {args.stage}, {args.steps} timed steps, "
+        f"batch {args.batch or 'per config'}", flush=True)
   rows = []
   for n in names:
     rows.append(bench_model(n, *known[n], args))
