@@ -8,7 +8,8 @@
 #    DRNet S at batch 32 / 256 / 1024, half of the routed MACs running, twice: with XLA's
 #    command buffers (CUDA graphs) recording conditionals and while loops
 #    (--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE) and without them (-CONDITIONAL,-WHILE).
-#    Each XLA_FLAGS setting is a separate process: XLA reads its flags once.
+#    Each model and XLA_FLAGS setting is a separate process (70 s each): XLA reads its flags once,
+#    and a model that overruns cannot take the other's figures with it.
 # 2. The dispatcher alone on a ResNet-110-like stack (bench/dispatch.py), same batches.
 # 3. Train-step images/s, compile seconds and routed / router-free ratio (bench/train_step.py) at
 #    each config's own (the papers') batch size.
@@ -71,12 +72,16 @@ platform=$("$PYTHON" -c 'import jax; d = jax.devices(); print(f"{len(d)} x {d[0]
 driver=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
 echo "platform: $platform${driver:+; $driver}"
 
-run inference_cond_on 140 "$COND_ON" \
-  "$PYTHON" bench/inference.py --models r110 drnet_s --batch $BATCHES --fractions 0.5 \
-  --repeats 3 --strategies $STRATEGIES
-run inference_cond_off 140 "$COND_OFF" \
-  "$PYTHON" bench/inference.py --models r110 drnet_s --batch $BATCHES --fractions 0.5 \
-  --repeats 3 --strategies $STRATEGIES
+# One process per model and flag setting, so that a model that overruns its share cannot take the
+# other model's figures with it.
+for model in r110 drnet_s; do
+  run "inference_${model}_cond_on" 70 "$COND_ON" \
+    "$PYTHON" bench/inference.py --models "$model" --batch $BATCHES --fractions 0.5 \
+    --repeats 3 --strategies $STRATEGIES
+  run "inference_${model}_cond_off" 70 "$COND_OFF" \
+    "$PYTHON" bench/inference.py --models "$model" --batch $BATCHES --fractions 0.5 \
+    --repeats 3 --strategies $STRATEGIES
+done
 run dispatch_cond_on 60 "$COND_ON" \
   "$PYTHON" bench/dispatch.py --batch $BATCHES --blocks 18 --fractions 1.0 0.5 --repeats 3 \
   --variants $STRATEGIES
