@@ -72,8 +72,6 @@ platform=$("$PYTHON" -c 'import jax; d = jax.devices(); print(f"{len(d)} x {d[0]
 driver=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
 echo "platform: $platform${driver:+; $driver}"
 
-# One process per model and flag setting, so that a model that overruns its share cannot take the
-# other model's figures with it.
 for model in r110 drnet_s; do
   run "inference_${model}_cond_on" 70 "$COND_ON" \
     "$PYTHON" bench/inference.py --models "$model" --batch $BATCHES --fractions 0.5 \

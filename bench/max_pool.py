@@ -10,7 +10,6 @@ gradients exact, so the same winners give bitwise the same gradient).
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ def median_ms(fn, *args, n: int = 30) -> float:
 
 
 def main() -> None:
-  print(f"load average {os.getloadavg()[0]:.2f} at start; jax {jax.__version__} "
+  print(f"load average {_timing.load_average():.2f} at start; jax {jax.__version__} "
         f"{jax.default_backend()}; {_timing.host()}")
   print("| map, stride | XLA fwd / fwd+bwd ms | ours fwd / fwd+bwd ms | compile s XLA / ours |")
   print("|---|---|---|---|")
@@ -74,7 +73,7 @@ def main() -> None:
     grads = [jax.grad(lambda x, pool=pool: jnp.sum(pool(x, stride) * w))(x)
              for pool in (xla_pool, our_pool)]
     np.testing.assert_array_equal(*grads)
-  print(f"values and gradients equal, ties included; load average {os.getloadavg()[0]:.2f} at end")
+  print(f"values and gradients equal, ties included; load average {_timing.load_average():.2f} at end")
 
 
 if __name__ == "__main__":

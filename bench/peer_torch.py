@@ -88,7 +88,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import statistics
 import sys
 import time
@@ -606,7 +605,7 @@ def print_results(title: str, rounds: int, compile_s: float, jt: list[float], tt
         f"{1e3 * q(tt)[0]:.0f}-{1e3 * q(tt)[1]:.0f} |")
   print(f"ratio JAX / PyTorch: median {statistics.median(ratios):.2f} "
         f"(min {min(ratios):.2f}, max {max(ratios):.2f}); target <= 3; "
-        f"load average {os.getloadavg()[0]:.2f} at end")
+        f"load average {_timing.load_average():.2f} at end")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -622,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="drnet_S: before timing, also check the port's forward pass against "
                            "ours with our parameters (compiles our forward pass too)")
   args = parser.parse_args(argv)
-  load = os.getloadavg()[0]
+  load = _timing.load_average()
   print(f"load average {load:.2f} at start (measure with it below ~1); torch {torch.__version__} "
         f"threads {torch.get_num_threads()}; jax {jax.__version__} {jax.default_backend()}; "
         f"{_timing.host()}",
