@@ -81,12 +81,12 @@ def _eval_mesh():
   return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
 
 
-def _check_arguments(step: int | None, strategy: str, target_macs: Any,
+def _check_arguments(step: int | None, strategy: str | None, target_macs: Any,
                      noise_stds: Sequence[float]) -> float | None:
   """Raises a ValueError for a bad argument; returns target_macs as a float (or None)."""
   if target_macs is not None:
     target_macs = evaluation.check_target_macs(target_macs)
-  if strategy not in STRATEGIES:
+  if strategy is not None and strategy not in STRATEGIES:
     raise ValueError(f"--strategy must be one of {STRATEGIES}; got {strategy!r}.")
   if step is not None and (not isinstance(step, (int, np.integer)) or step < 0):
     raise ValueError(f"--step must be a checkpoint step (an int >= 0); got {step!r}.")
@@ -150,7 +150,8 @@ def _move_into_place(out_root: str, target: str) -> None:
 
 
 def evaluate_workdir(workdir: str, *, step: int | None = None,
-                     thresholds: str | Sequence[float] | None = None, strategy: str = "dense",
+                     thresholds: str | Sequence[float] | None = None,
+                     strategy: str | None = None,
                      target_macs: float | str | None = None, plots: bool = True,
                      instance_awareness: bool = True,
                      noise_stds: Sequence[float] = evaluation.DEFAULT_NOISE_STDS,
@@ -206,7 +207,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest intact one).")
   flags.DEFINE_string("thresholds", None, "Comma-separated thresholds in (0, 1] to sweep "
                       "(default: config.eval.thresholds); the config's threshold is always added.")
-  flags.DEFINE_string("strategy", "dense", f"Dispatch strategy, one of {STRATEGIES}.")
+  flags.DEFINE_string("strategy", None, f"Dispatch strategy, one of {STRATEGIES}, with the "
+                      "options of the run's config.eval.dispatch (default: config.eval.strategy).")
   flags.DEFINE_float("target_macs", None, "Budget mode: pick the threshold whose mean MACs per "
                      "example on the calibration split is the largest not exceeding this.")
   flags.DEFINE_bool("plots", True, "Write the PNG figures into WORKDIR/eval.")

@@ -183,25 +183,27 @@ class RoutedClassifier:
     self.image_shape = evaluation.image_shape(config.data)
     self.threshold = float(config.eval.threshold)
     self._variables = variables
-    self._predictors: dict[str, evaluation.Predictor] = {}
+    self._predictors: dict[dispatch.Strategy, evaluation.Predictor] = {}
 
-  def __call__(self, images, threshold: float | None = None, strategy: str = "auto"
-               ) -> dict[str, np.ndarray]:
+  def __call__(self, images, threshold: float | None = None,
+               strategy: dispatch.StrategySpec = "auto") -> dict[str, np.ndarray]:
     """Routed inference (deterministic, skipped work really not run).
 
     Args:
       images: uint8 [B, H, W, C] (`image_shape`), values 0..255; normalisation happens inside.
       threshold: routing threshold in (0, 1]; None = the run's own (`self.threshold`).
       strategy: how skipped branches/blocks are avoided (`dynroute_jax.dispatch`; 'auto' picks
-        the platform default, 'dense' computes everything and masks).
+        the platform default, 'dense' computes everything and masks). A name takes the options
+        of the run's `config.eval.dispatch`; a mapping or a `dispatch.Strategy` is used as is.
 
     Returns:
       dict of numpy arrays: logits [B, N], prediction [B], confidence [B], macs [B] (executed
       MACs per example, routers included), params [B], executed [B, S] bool (the per-example
       routing mask), weights [B, S], router_probs [B, S].
     """
-    if strategy not in dispatch.STRATEGIES:
+    if isinstance(strategy, str) and strategy not in dispatch.STRATEGIES:
       raise ValueError(f"strategy must be one of {dispatch.STRATEGIES}; got {strategy!r}.")
+    strategy = config_lib.eval_strategy(self.config, strategy)
     t = self.threshold if threshold is None else config_lib.check_threshold(threshold)
     if strategy not in self._predictors:
       self._predictors[strategy] = evaluation.Predictor(

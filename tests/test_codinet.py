@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import types
+from unittest import mock
 
 import chex
 import flax
@@ -15,6 +16,7 @@ import pytest
 from absl.testing import parameterized
 
 from dynroute_jax import costs
+from dynroute_jax import dispatch
 from dynroute_jax import models
 from dynroute_jax.models import base
 from dynroute_jax.models import codinet
@@ -271,6 +273,22 @@ class DispatchTest(parameterized.TestCase):
     self.assertTrue(0 < executed.sum() < executed.size, executed)
     out = _japply(model)(variables, x, train=False, threshold=0.5, strategy=strategy)
     np.testing.assert_array_equal(out.executed, executed)
+    np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+  @parameterized.parameters(True, False)
+  def test_strategy_options_reach_the_dispatcher(self, scan):
+    """A strategy object with options runs every block (scanned or not) with those options."""
+    model, variables = _init(scan)
+    x = _images(6, batch=4)
+    ref = _japply(model)(variables, x, train=False, threshold=0.5)
+    compact = dispatch.Compact(buckets=(1, 2), branching="cond_chain")
+    seen = []
+    update = dispatch.Compact.update
+    with mock.patch.object(dispatch.Compact, "update",
+                           lambda s, *a: seen.append(s) or update(s, *a)):
+      out = _japply(model)(variables, x, train=False, threshold=0.5, strategy=compact)
+    self.assertEqual(set(seen), {compact})
+    np.testing.assert_array_equal(out.executed, ref.executed)
     np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
 
   def test_projection_shortcut_strategy(self):

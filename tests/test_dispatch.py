@@ -276,6 +276,24 @@ def test_bad_specs_name_the_field_and_the_allowed_values(spec, error, match):
     dispatch.from_config(spec)
 
 
+def test_describe_and_option_defaults():
+  assert dispatch.option_defaults() == dict(buckets=8, spacing="linear", branching="switch",
+                                            chunk=None, tail_levels=2)
+  assert dispatch.describe("chunk") == "chunk"
+  assert dispatch.describe(dispatch.Chunk(chunk=4)) == "chunk(chunk=4)"
+  assert (dispatch.describe(dict(name="compact", buckets=16, branching="cond_chain"))
+          == "compact(buckets=16, branching='cond_chain')")
+  assert dispatch.describe(dict(name="auto", chunk=4)) == "auto(chunk=4)"
+  # Every default spelled out is the default strategy.
+  assert dispatch.make_strategy(dict(name="auto", **dispatch.option_defaults())) == dispatch.Auto()
+
+
+@pytest.mark.parametrize("spec", [5, None, ("chunk",)])
+def test_a_spec_that_is_neither_name_mapping_nor_object(spec):
+  with pytest.raises(ValueError, match="a dispatch strategy is a name, one of"):
+    dispatch.make_strategy(spec)
+
+
 def test_check_name_and_misuse():
   assert dispatch.check_name("chunk") == "chunk"
   with pytest.raises(ValueError, match=re.escape(

@@ -400,10 +400,35 @@ def test_dispatch_strategy_matches_dense():
 
 
 def test_strategy_resolution():
-  assert common.resolve_strategy("dense", 4, thresholded=True) == "dense"
-  assert common.resolve_strategy("chunk", 4, thresholded=False) == "dense"  # nothing to skip.
+  assert common.resolve_strategy("dense", 4, thresholded=True) == dispatch.Dense()
+  # nothing to skip.
+  assert common.resolve_strategy("chunk", 4, thresholded=False) == dispatch.Dense()
   resolved = common.resolve_strategy("auto", 4, thresholded=True)
-  assert resolved in dispatch.STRATEGIES and resolved != "auto"
+  assert resolved.name in dispatch.STRATEGIES and resolved.name != "auto"
+  # Options survive, from a mapping or an object.
+  assert (common.resolve_strategy(dict(name="chunk", chunk=2), 4, thresholded=True)
+          == dispatch.Chunk(chunk=2))
+  auto = dispatch.Auto(chunk=dispatch.Chunk(chunk=2), compact=dispatch.Compact(buckets=2))
+  assert common.resolve_strategy(auto, 4, thresholded=True) in (
+      dispatch.Chunk(chunk=2), dispatch.Compact(buckets=2), dispatch.Dense())
+
+
+def test_strategy_options_reach_the_dispatcher(monkeypatch):
+  """A strategy object (or mapping) with options runs with those options and matches dense."""
+  model, variables, x = built(**SMALL)
+  dense = jitted("threshold", **SMALL)(variables, x, 1.0, 0.7)
+  seen = []
+  update = dispatch.Chunk.update
+  monkeypatch.setattr(dispatch.Chunk, "update",
+                      lambda self, *a: seen.append(self) or update(self, *a))
+  chunk = dispatch.Chunk(chunk=2, tail_levels=0)
+  out = jax.jit(threshold_fn(model, chunk))(variables, x, 1.0, 0.7)
+  assert seen and set(seen) == {chunk}
+  np.testing.assert_allclose(out.logits, dense.logits, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(out.executed, dense.executed)
+  seen.clear()
+  jax.jit(threshold_fn(model, dict(name="chunk", chunk=2, tail_levels=0)))(variables, x, 1.0, 0.7)
+  assert set(seen) == {chunk}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -296,6 +296,28 @@ def test_bad_strategy_and_step(run):
     evaluate.evaluate_workdir(run["workdir"], step=-1)
 
 
+def test_config_strategy_and_options_reach_the_report(run, tmp_path):
+  """config.eval.strategy and config.eval.dispatch pick the report's strategy (--strategy unset);
+  a bad option is refused, naming the fields, before anything compiles."""
+  cfg = small_config()
+  cfg.eval.strategy = "chunk"
+  cfg.eval.dispatch.chunk = 4
+  wd = str(tmp_path / "chunk")
+  save_run(wd, cfg, run["variables"], steps=((5, 2, False),))
+  report = evaluate.evaluate_workdir(wd, thresholds="0.8", plots=False, instance_awareness=False)
+  assert report["strategy"] == "chunk(chunk=4)"
+  assert run["report"]["strategy"] == "dense"
+  ref = run["report"]["thresholds"]["0.8"]
+  assert report["thresholds"]["0.8"]["accuracy"] == pytest.approx(ref["accuracy"])
+  assert report["thresholds"]["0.8"]["macs_mean"] == pytest.approx(ref["macs_mean"], rel=1e-6)
+  # A bad option in a saved config is refused at restore, even with --strategy naming another.
+  cfg.eval.dispatch.chunk = 0
+  save_run(wd, cfg, run["variables"], steps=((5, 2, False),))
+  with pytest.raises(ValueError, match=r"config.eval.dispatch.chunk must be an int >= 1"):
+    evaluate.evaluate_workdir(wd, thresholds="0.8", strategy="auto", plots=False,
+                              instance_awareness=False)
+
+
 def test_predict_fn_checks_images_before_compiling(run):
   cfg, model = run["cfg"], run["model"]
   predictor = evaluation.make_predict_fn(model, cfg.data, tau=1.0, routed=True)

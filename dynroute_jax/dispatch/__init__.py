@@ -17,11 +17,13 @@ Public API:
   STRATEGIES, check_name(name, field)                         the strategy names
   Strategy, Dense, BatchCond, PerExample, Compact, Chunk, Auto  the strategies (frozen dataclasses)
   make_strategy(spec, **options), from_config(mapping)        a strategy from a name or a mapping
+  describe(spec), option_defaults()                           its name and options as text; defaults
   resolve(spec, B) / resolve_strategy(spec, B)                'auto' resolved: the object / its name
   default_strategy(platform, batch_size), capacity_buckets(batch_size, buckets)
 
 `strategy` is a name with keyword options (`strategy="chunk", chunk=64`), a mapping
-(`dict(name="chunk", chunk=64)`, as in `config.eval.dispatch`) or an object (`Chunk(chunk=64)`).
+(`dict(name="chunk", chunk=64)`) or an object (`Chunk(chunk=64)`). A config names it in
+`config.eval.strategy` and gives the options in `config.eval.dispatch` (`config_lib.eval_strategy`).
 
 Modules: `strategies` (the protocol, the dataclasses, platform defaults), `factory` (names, options
 and configs to objects), `apply` (the front-ends above), `rows` (row-wise pytree operations).
@@ -80,8 +82,10 @@ Platform defaults (`default_strategy`):
 from dynroute_jax.dispatch.apply import mix_branches
 from dynroute_jax.dispatch.apply import select_apply
 from dynroute_jax.dispatch.factory import check_name
+from dynroute_jax.dispatch.factory import describe
 from dynroute_jax.dispatch.factory import from_config
 from dynroute_jax.dispatch.factory import make_strategy
+from dynroute_jax.dispatch.factory import option_defaults
 from dynroute_jax.dispatch.factory import resolve
 from dynroute_jax.dispatch.factory import resolve_strategy
 from dynroute_jax.dispatch.factory import STRATEGIES
@@ -102,6 +106,6 @@ from dynroute_jax.dispatch.strategies import Strategy
 __all__ = [
     "Auto", "BatchCond", "Chunk", "Compact", "Dense", "GPU_DENSE_BELOW", "PerExample",
     "RoutedCall", "STRATEGIES", "Site", "Strategy", "StrategySpec", "capacity_buckets",
-    "check_name", "default_strategy", "from_config", "make_strategy", "mix_branches", "resolve",
-    "resolve_strategy", "select_apply",
+    "check_name", "default_strategy", "describe", "from_config", "make_strategy", "mix_branches",
+    "option_defaults", "resolve", "resolve_strategy", "select_apply",
 ]

@@ -2,8 +2,9 @@
 
   make_strategy("chunk", chunk=64)            == Chunk(chunk=64)
   make_strategy(dict(name="chunk", chunk=64)) == Chunk(chunk=64)
-  from_config(config.eval.dispatch)           a ConfigDict or dict like the above
+  from_config(dict(name="chunk", chunk=64))   the same from a ConfigDict or a dict
   resolve("auto", 256, "cpu")                 == Chunk(): the concrete strategy that runs
+  describe(Compact(buckets=16))               'compact(buckets=16)': for reports and logs
 
 Options of other strategies than the named one are accepted and ignored, so that one config (or one
 set of keywords) can carry the options of both 'compact' and 'chunk'; 'auto' hands each its own.
@@ -63,6 +64,9 @@ def _name_and_options(spec: StrategySpec, options: Mapping[str, Any]
   """Splits a name or a mapping `dict(name=..., **options)` plus keywords into name and options."""
   if isinstance(spec, str):
     name, options = spec, dict(options)
+  elif not isinstance(spec, Mapping):
+    raise ValueError(f"a dispatch strategy is a name, one of {STRATEGIES}, a mapping "
+                     f"dict(name=..., **options) or a Strategy object; got {spec!r}.")
   else:
     if options:
       raise TypeError(f"options go inside the mapping; got {spec!r} and keywords {sorted(options)}.")
@@ -95,6 +99,25 @@ def make_strategy(spec: StrategySpec = "auto", **options: Any) -> Strategy:
                       f"{sorted(options)}.")
     return spec
   return _build(*_name_and_options(spec, options))
+
+
+def option_defaults() -> dict[str, Any]:
+  """Every strategy option with its default: the fields of `config.eval.dispatch`."""
+  return {f.name: f.default for cls in strategies.CLASSES if cls is not strategies.Auto
+          for f in dataclasses.fields(cls)}
+
+
+def describe(spec: StrategySpec) -> str:
+  """The strategy's name, with the options that differ from their defaults in brackets.
+
+  'chunk' for `Chunk()`, "compact(buckets=16, branching='cond_chain')" for that object; 'auto'
+  lists the options of its 'compact' and 'chunk' that differ.
+  """
+  s = make_strategy(spec)
+  parts = (s.compact, s.chunk) if isinstance(s, strategies.Auto) else (s,)
+  changed = [f"{f.name}={getattr(p, f.name)!r}" for p in parts for f in dataclasses.fields(p)
+             if getattr(p, f.name) != f.default]
+  return f"{s.name}({', '.join(changed)})" if changed else s.name
 
 
 def from_config(config: Mapping[str, Any], field: str = "config.eval.dispatch") -> Strategy:

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from dynroute_jax import config_lib
+from dynroute_jax import dispatch
 from dynroute_jax import input_pipeline
 from dynroute_jax import routing
 from dynroute_jax import sharding
@@ -89,7 +90,8 @@ def _check_indices(indices: Any, num_images: int) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _predict_program(model: nn.Module, data_config: ml_collections.FrozenConfigDict, routed: bool,
-                     strategy: str, noise: bool, noise_seed: int, mesh: Mesh | None = None):
+                     strategy: dispatch.Strategy, noise: bool, noise_seed: int,
+                     mesh: Mesh | None = None):
   """The jitted pass of `Predictor`s of these arguments (models and frozen configs compare by
   value): the predictors of one model (an evaluation's routed and static passes, the evaluation of
   an older checkpoint, the `inference` facade) trace, lower and compile each input shape once per
@@ -150,9 +152,11 @@ class Predictor:
   """
 
   def __init__(self, model: nn.Module, data_config, *, tau: float, routed: bool,
-               strategy: str = "dense", noise: bool = False, noise_seed: int = NOISE_SEED,
-               mesh: Mesh | None = None):
+               strategy: dispatch.StrategySpec = "dense", noise: bool = False,
+               noise_seed: int = NOISE_SEED, mesh: Mesh | None = None):
     self.image_shape = image_shape(data_config)
+    # An object (hashable, compared by value): the program cache below is keyed by it.
+    strategy = dispatch.make_strategy(strategy)
     self.routed = routed
     self.noise = noise
     routing.check_tau(tau)
@@ -196,7 +200,7 @@ class Predictor:
 
 
 def make_predict_fn(model: nn.Module, data_config, *, tau: float, routed: bool,
-                    strategy: str = "dense", noise: bool = False,
+                    strategy: dispatch.StrategySpec = "dense", noise: bool = False,
                     mesh: Mesh | None = None) -> Predictor:
   """A (variables, images_uint8, threshold) -> per-example outputs function (see `Predictor`)."""
   return Predictor(model, data_config, tau=tau, routed=routed, strategy=strategy, noise=noise,
@@ -267,8 +271,8 @@ class Passes:
                        threshold, keep, **kwargs)
 
 
-def make_passes(model: nn.Module, config, variables: PyTree, mesh, *, tau: float, strategy: str,
-                noise: bool) -> Passes:
+def make_passes(model: nn.Module, config, variables: PyTree, mesh, *, tau: float,
+                strategy: dispatch.StrategySpec, noise: bool) -> Passes:
   """Replicates `variables` over `mesh` and builds both predictors of an evaluation.
 
   With `noise` the routed predictor also takes the noise level (0 = clean, exactly), so the noisy

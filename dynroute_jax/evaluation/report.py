@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from dynroute_jax import config_lib
+from dynroute_jax import dispatch
 from dynroute_jax import dynamics as dynamics_lib
 from dynroute_jax.evaluation import budget as budget_lib
 from dynroute_jax.evaluation import instance
@@ -38,7 +39,8 @@ class ReportOptions:
   Attributes:
     thresholds: routing thresholds to sweep (None: config.eval.thresholds); the config's threshold
       is always added.
-    strategy: how skipped work is avoided (see dynroute_jax.dispatch).
+    strategy: how skipped work is avoided (see dynroute_jax.dispatch): a name (with the options
+      of config.eval.dispatch), a mapping or a Strategy; None: config.eval.strategy.
     budget: budget mode: choose the threshold meeting a mean MACs per example on a calibration
       split, then report test accuracy/MACs at it under 'budget'.
     instance_awareness: add the 'instance_awareness' section (confidence split, noisy inputs).
@@ -48,7 +50,7 @@ class ReportOptions:
     extra: entries merged into the report (e.g. checkpoint details).
   """
   thresholds: Sequence[float] | None = None
-  strategy: str = "dense"
+  strategy: dispatch.StrategySpec | None = None
   budget: budget_lib.BudgetRequest | None = None
   instance_awareness: bool = False
   noise_stds: Sequence[float] = instance.DEFAULT_NOISE_STDS
@@ -81,7 +83,8 @@ def evaluate_and_report(config, model: nn.Module, variables: PyTree, test_ds, me
   ts = sorted({config_lib.check_threshold(t, "threshold") for t in
                (options.thresholds if options.thresholds is not None else config.eval.thresholds)}
               | {t_default})
-  passes = predict.make_passes(model, config, variables, mesh, tau=tau, strategy=options.strategy,
+  strategy = config_lib.eval_strategy(config, options.strategy)
+  passes = predict.make_passes(model, config, variables, mesh, tau=tau, strategy=strategy,
                                noise=options.instance_awareness)
   res_all = passes.all(test_ds, predict.DEFAULT_KEEP + ("router_probs",))
   macs_all = float(np.mean(res_all["macs"]))
@@ -89,7 +92,7 @@ def evaluate_and_report(config, model: nn.Module, variables: PyTree, test_ds, me
   sweep, res_default = _sweep(passes, test_ds, ts, t_default, macs_all, model)
   routed = sweep[f"{t_default:g}"]
   image_hw = (config.data.image_size, config.data.image_size)
-  report = _header(config, step, tau, t_default, options.strategy)
+  report = _header(config, step, tau, t_default, dispatch.describe(strategy))
   report.update(_headline(all_summary, routed, macs_all))
   report.update(site_shape=list(model.routing_site_shape(image_hw)), all=all_summary,
                 thresholds=sweep)

@@ -12,8 +12,9 @@ strategy='dense')` returns a `ModelOutput`:
   * train=False, threshold=None: deterministic, every branch/block runs ("all branches").
   * train=False, threshold=T: deterministic routing; DRNet keeps the top branches whose weights
     reach T (`routing.threshold_select`), CoDiNet runs a block iff v >= T (0.5 in the paper).
-    `strategy` picks how skipped work is avoided (`dynroute_jax.dispatch`); 'dense' computes
-    everything and masks, which is the reference the other strategies must match.
+    `strategy` picks how skipped work is avoided (`dynroute_jax.dispatch`: a name, a mapping
+    `dict(name=..., **options)` or a `Strategy` object); 'dense' computes everything and masks,
+    which is the reference the other strategies must match.
   * CoDiNet only: train=True, hard=True is stage 2's fine-tuning: the noise-free hard decisions of
     inference, with a straight-through gradient.
 

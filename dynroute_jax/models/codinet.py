@@ -71,6 +71,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dynroute_jax import dispatch
 from dynroute_jax.models import base
 from dynroute_jax.models import common
 # The layers are part of this module's public API (codinet.Stem, codinet.Head, ...).
@@ -352,7 +353,8 @@ class CoDiNet(nn.Module):
     no 'routing' rng needed. `executed` = u.
   * train=False: deterministic, no rng. threshold=None runs every block (`executed` all ones,
     `weights` = the hard decisions at 0.5); threshold=T runs block k iff v_k >= T, skipping work
-    as `strategy` says (see `dynroute_jax.dispatch`; 'dense' computes everything and masks).
+    as `strategy` says (see `dynroute_jax.dispatch`; 'dense' computes everything and masks):
+    a name, a mapping `dict(name=..., **options)` or a `dispatch.Strategy` object.
 
   Returns a `ModelOutput` with S = D = number of blocks: weights (v in training, 0/1 otherwise),
   executed, path = v (noise-free outside stage 1), macs/params tables, site_shape=(D,).
@@ -421,7 +423,7 @@ class CoDiNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool, tau: float | Array = 1.0,
                threshold: float | Array | None = None, drop_path_rate: float = 0.0,
-               strategy: str = "dense", hard: bool = False,
+               strategy: dispatch.StrategySpec = "dense", hard: bool = False,
                router_override: Array | None = None) -> ModelOutput:
     cfg = self.config
     common.check_images(x, cfg.num_channels, cfg.reduction_factor, cfg.reduction_reason)

@@ -148,7 +148,7 @@ class RoutedBlock(nn.Module):
   hard: bool
   thresholded: bool
   drop_path: bool = False  # training only; the rate is a call argument (may be traced).
-  strategy: str = "dense"
+  strategy: dispatch.StrategySpec = "dense"  # `common.resolve_strategy`'s object, in a model.
   overridden: bool = False  # inference: v is the call's `v_override` (the static counterpart).
 
   def _decisions(self, logits_Bx2: Array, tau: Array, threshold: Array,
@@ -201,7 +201,8 @@ class RoutedBlock(nn.Module):
                   if self.shortcut == "projection" else None)
     skip = (Projection(self.out_features, self.stride, relu=True, name="skip")
             if self.skip == "conv1x1" else None)
-    if self.thresholded and self.strategy != "dense" and not self.is_initializing():
+    if (self.thresholded and dispatch.make_strategy(self.strategy).name != "dense"
+        and not self.is_initializing()):
       return self._dispatched(x, executed, body, projection, skip), decisions
 
     # Shortcut of the block (always needed: the block's own residual add and the skip path).

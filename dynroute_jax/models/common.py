@@ -290,8 +290,11 @@ def check_call(*, train: bool, tau: Any, threshold: Any, drop_path_rate: Any, st
     routing.check_threshold(threshold, "threshold")
   if isinstance(drop_path_rate, (int, float)) and not 0.0 <= drop_path_rate < 1.0:
     raise ValueError(f"drop_path_rate must lie in [0, 1); got {drop_path_rate!r}.")
-  if strategy not in dispatch.STRATEGIES:
-    raise ValueError(f"strategy must be one of {dispatch.STRATEGIES}; got {strategy!r}.")
+  try:
+    dispatch.make_strategy(strategy)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"strategy must be one of {dispatch.STRATEGIES}, a mapping dict(name=..., "
+                     f"**options) or a dispatch.Strategy; got {strategy!r}: {e}") from None
 
 
 def check_images(x: Array, num_channels: int, factor: int, why: str) -> None:
@@ -317,9 +320,13 @@ def check_router_override(router_override: Array | None, train: bool, size: int,
                      f"got {router_override.shape}.")
 
 
-def resolve_strategy(strategy: str, batch_size: int, thresholded: bool) -> str:
-  """The dispatch strategy of a call: 'auto' resolved; 'dense' unless a threshold skips work."""
-  return dispatch.resolve_strategy(strategy, batch_size) if thresholded else "dense"
+def resolve_strategy(strategy: dispatch.StrategySpec, batch_size: int,
+                     thresholded: bool) -> dispatch.Strategy:
+  """The dispatch strategy of a call: 'auto' resolved; `Dense()` unless a threshold skips work.
+
+  A frozen dataclass with its options, so that it can be a static field of a Flax module.
+  """
+  return dispatch.resolve(strategy, batch_size) if thresholded else dispatch.Dense()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,8 +46,9 @@ Routing (`__call__`):
     sum over kept branches of w_b F_b(x). `strategy='dense'` computes every branch and masks;
     other strategies go through `dynroute_jax.dispatch.mix_branches`, which runs each branch only
     on the examples that kept it (each branch is its own submodule, called as a pure function
-    through `common.pure_fn`); 'auto' takes the dispatcher's platform default. `strategy` is
-    ignored in training and without a threshold.
+    through `common.pure_fn`); 'auto' takes the dispatcher's platform default. `strategy` (a
+    name, a mapping `dict(name=..., **options)` or a `dispatch.Strategy`) is ignored in training
+    and without a threshold.
   * Drop-connection (`drop_path_rate`, per call, training only, 'dropout' rng): DARTS drop-path on
     the output of every branch but the identity.
   * Drop-branch (`drop_branch_rate`, a model field; the paper's "drop-branch 0.7" is not defined
@@ -83,6 +84,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dynroute_jax import dispatch
 from dynroute_jax import routing
 from dynroute_jax.models import base
 from dynroute_jax.models import common
@@ -439,7 +441,8 @@ class DRNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool, tau: float | Array = 1.0,
                threshold: float | Array | None = None, drop_path_rate: float | Array = 0.0,
-               strategy: str = "dense", router_override: Array | None = None) -> base.ModelOutput:
+               strategy: dispatch.StrategySpec = "dense",
+               router_override: Array | None = None) -> base.ModelOutput:
     cfg = self.config
     common.check_router_override(router_override, train, math.prod(self.site_shape),
                                  f"the flattened site shape {self.site_shape}")

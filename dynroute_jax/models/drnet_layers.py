@@ -168,9 +168,11 @@ class Connection(nn.Module):
     return tuple(getattr(self, kind) for kind in BRANCHES)
 
   def __call__(self, x: Array, weights: Array, mask: Array | None = None, *, train: bool,
-               drop_path_rate: float | Array = 0.0, strategy: str = "dense") -> Array:
+               drop_path_rate: float | Array = 0.0,
+               strategy: dispatch.StrategySpec = "dense") -> Array:
     """weights: [B, K]; mask: [B, K] bool (threshold mode) or None (every branch runs)."""
-    if strategy != "dense" and mask is not None and not train and not self.is_initializing():
+    if (dispatch.make_strategy(strategy).name != "dense" and mask is not None and not train
+        and not self.is_initializing()):
       return self._dispatch(x, weights, mask, strategy)
     out = None
     for b, branch in enumerate(self.branches):
@@ -184,7 +186,8 @@ class Connection(nn.Module):
       out = term if out is None else out + term
     return out
 
-  def _dispatch(self, x: Array, weights: Array, mask: Array, strategy: str) -> Array:
+  def _dispatch(self, x: Array, weights: Array, mask: Array,
+                strategy: dispatch.StrategySpec) -> Array:
     """Runs each branch only on the examples that kept it (`dispatch.mix_branches`)."""
     fns = [common.pure_fn(branch) for branch in self.branches]
     w = jnp.where(mask, weights, 0.0)
@@ -205,7 +208,7 @@ class Cell(nn.Module):
   @nn.compact
   def __call__(self, s0: Array, s1: Array, *, train: bool, tau: float | Array,
                threshold: float | Array | None, drop_path_rate: float | Array,
-               strategy: str, router_override: Array | None = None
+               strategy: dispatch.StrategySpec, router_override: Array | None = None
                ) -> tuple[Array, Array, Array, Array]:
     ratio = s0.shape[1] // s1.shape[1]
     p0 = make_preprocess(self.channels, ratio == 2, name="preprocess0")(s0, train=train)
