@@ -40,6 +40,10 @@ closest to the target. Every strategy's logits and decisions are checked against
 mesh. XLA:CPU runs the N programs in parallel; one device leaves a 2-core machine half idle in
 the many small, single-threaded ops of a routed (and even a dense) forward pass.
 
+`--dispatch OPTION=VALUE ...` gives every strategy the options it takes (`dispatch.Compact`:
+buckets, spacing, branching; `dispatch.Chunk`: chunk, tail_levels), as `config.eval.dispatch`
+does for an evaluation; the options are printed under the load line.
+
 Timings are interleaved (`bench/_timing.py`): every strategy once per round, shuffled; medians,
 and the spread of the same-round ratios (`eff_range`). The load average is printed at the start and
 the end; `--results FILE` appends the table to FILE only when the start's load average is at most
@@ -50,6 +54,8 @@ the end; `--results FILE` appends the table to FILE only when the start's load a
       --strategies dense chunk compact
   python bench/inference.py --models r74 --batch 256 32 --fractions 0.5 --devices 2 \
       --strategies dense chunk
+  python bench/inference.py --models r74 --batch 32 --fractions 0.5 --strategies dense compact \
+      --dispatch buckets=16 branching=cond_chain
   python bench/inference.py --models digits_codinet digits_drnet \
       --digits_codinet_workdir runs/digits_codinet --digits_drnet_workdir runs/digits_drnet
 """
@@ -57,6 +63,7 @@ the end; `--results FILE` appends the table to FILE only when the start's load a
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import sys
@@ -546,7 +553,8 @@ def run_model(name: str, args, rng: np.random.Generator, emit: Callable[[str], N
       for s in args.strategies:
         if s not in compiled:
           t1 = time.perf_counter()
-          compiled[s] = bench.apply_fn(s, True, mesh=mesh).lower(v, x, thr_arr).compile()
+          spec = dispatch.make_strategy(s, **args.dispatch)  # 'dense' ignores the options
+          compiled[s] = bench.apply_fn(spec, True, mesh=mesh).lower(v, x, thr_arr).compile()
           compile_s[s] = time.perf_counter() - t1
       outs = {s: jax.block_until_ready(compiled[s](v, x, thr_arr)) for s in args.strategies}
       ref = outs.get("dense", outs[args.strategies[0]])
@@ -592,6 +600,9 @@ def main(argv=None):
                   help="target fractions of the routed MACs")
   ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                   choices=list(dispatch.STRATEGIES), help="'dense' is needed for speed-ups")
+  ap.add_argument("--dispatch", nargs="*", default=[], metavar="OPTION=VALUE",
+                  help="options of the strategies, e.g. buckets=16 branching=cond_chain chunk=8 "
+                       "(each strategy takes its own: dispatch.Compact, dispatch.Chunk)")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                   help="also time the 'ceiling' row: the dense model on batch / ideal rows")
@@ -608,6 +619,7 @@ def main(argv=None):
   ap.add_argument("--max_load", type=float, default=1.0,
                   help="highest 1-minute load average at the start a recorded table may have")
   args = ap.parse_args(argv)
+  args.dispatch = _dispatch_options(ap, args.dispatch)
   if args.devices < 1 or any(b % args.devices for b in args.batch):
     ap.error(f"--batch values must be multiples of --devices={args.devices}; got {args.batch}.")
   if args.devices > 1:  # before anything initialises the CPU backend
@@ -628,6 +640,8 @@ def main(argv=None):
        + ("one device" if args.mesh is None
           else f"each batch split over {args.devices} devices (shard_map)"))
   emit(f"load average {load_start:.2f} at the start (an idle machine reads below ~1)")
+  if args.dispatch:
+    emit(f"dispatch options: {dispatch.describe(dict(name='auto', **args.dispatch))}")
   emit("frac = routed MACs executed / routed MACs (dense run of the timed batch); ideal and eff "
        "count all MACs (fixed parts included); eff = median of same-round ratios / ideal, "
        "eff_range = lowest-highest same-round ratio / ideal; 'ceiling' = the dense model on "
@@ -639,6 +653,24 @@ def main(argv=None):
   emit(f"load average {_timing.load_average():.2f} at the end")
   if args.results:
     _record(args.results, lines, load_start, args.max_load, argv)
+
+
+def _dispatch_options(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+  """`--dispatch` as a dict, each value a Python literal (or else the string), checked."""
+  options = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      ap.error(f"--dispatch takes OPTION=VALUE items; got {item!r}.")
+    try:
+      options[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      options[key] = value
+  try:
+    dispatch.make_strategy("auto", **options)
+  except (TypeError, ValueError) as e:
+    ap.error(f"--dispatch: {e}")
+  return options
 
 
 def _record(path: str, lines: list[str], load_start: float, max_load: float,
