@@ -219,6 +219,10 @@ class ReportProgress:
     self.total_steps, self.every_steps = total_steps, every_steps
     self.last_time, self.last_step = time.time(), None
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` spent outside the steps (a periodic evaluation) out of step/s and ETA."""
+    self.last_time += seconds
+
   def __call__(self, step: int, metrics: dict[str, Array], force: bool) -> None:
     if self.last_step is None:
       self.last_step = step

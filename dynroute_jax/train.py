@@ -278,10 +278,11 @@ def _train_stage(run: _Run, stage: Stage, state: TrainState, compiled: Any, star
   config, ckpt = run.config, run.ckpt
   first = max(start_step, stage.start)
   base_key = _replicated_array(lambda: jax.random.key(config.seed), run.mesh)
+  progress = hooks.ReportProgress(run.writer, stage.index, run.stages[-1].end,
+                                  config.log_every_steps)
   monitor = hooks.StepHooks(
       [hooks.CheckFinite(skip=config.train.skip_nonfinite_steps)]
-      + ([hooks.MetricsCallback(metrics_callback)] if metrics_callback else [])
-      + [hooks.ReportProgress(run.writer, stage.index, run.stages[-1].end, config.log_every_steps)])
+      + ([hooks.MetricsCallback(metrics_callback)] if metrics_callback else []) + [progress])
   batches = input_pipeline.train_iterator(
       run.train_ds, config.seed, first, config.train.global_batch_size, jax.process_index(),
       jax.process_count(), prefetch=PREFETCH_BATCHES, num_steps=stage.end - first)
@@ -300,9 +301,29 @@ def _train_stage(run: _Run, stage: Stage, state: TrainState, compiled: Any, star
       if done % config.checkpoint.every_steps == 0 and done != stage.end:
         monitor.flush()  # A non-finite step stops training before a checkpoint can include it.
         _save(ckpt, done, state, stage, config)
+      if config.eval_every_steps and done % config.eval_every_steps == 0 and (
+          done != run.stages[-1].end):  # The final report evaluates the last step.
+        monitor.flush()  # The step's progress line first, and a finite step evaluated.
+        progress.exclude(_periodic_eval(run, stage, state, done))
   monitor.flush()
   _save(ckpt, stage.end, state, stage, config, force=True)
   return state, False
+
+
+def _periodic_eval(run: _Run, stage: Stage, state: TrainState, step: int) -> float:
+  """`config.eval_every_steps`: the headline numbers after `step` steps, as eval/* summaries and
+  one console line. Returns the seconds it took."""
+  t0 = time.time()
+  out = evaluation.evaluate_headline(
+      run.config, run.model, {"params": state.params, "batch_stats": state.batch_stats},
+      run.test_ds, run.mesh, tau=final_tau(stage, step))
+  run.writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()})
+  seconds = time.time() - t0
+  console.info(f"eval     step {step}  acc {out['accuracy_routed']:.4f} routed at "
+               f"T {out['threshold']:g} ({out['macs_routed_mean'] / 1e6:.4g}M MACs), "
+               f"{out['accuracy_all']:.4f} all branches ({out['macs_all'] / 1e6:.4g}M)  "
+               f"{console.format_duration(seconds)}")
+  return seconds
 
 
 def _evaluate(run: _Run, state: TrainState | None, cleanup: contextlib.ExitStack

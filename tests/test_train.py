@@ -26,6 +26,7 @@ from dynroute_jax import evaluation
 from dynroute_jax import hooks
 from dynroute_jax import input_pipeline
 from dynroute_jax import sharding
+from dynroute_jax import tensorboard_writer
 from dynroute_jax import train
 from dynroute_jax import models
 from dynroute_jax.models import base as models_base
@@ -117,13 +118,32 @@ def test_drnet_two_stages_end_to_end(tiny_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_codinet_two_stages_end_to_end(tiny_config, tmp_path):
+def test_codinet_two_stages_end_to_end(tiny_config, tmp_path, monkeypatch, capsys):
   config = tiny_config("codinet", "cifar10", batch=8, data_dir=str(tmp_path / "tfds"))
   assert config.data.num_views == 2 and config.train.stage2.freeze_routers
+  config.eval_every_steps = 1
+  written = []
+  write = tensorboard_writer.SummaryWriter.write_scalars
+  monkeypatch.setattr(tensorboard_writer.SummaryWriter, "write_scalars",
+                      lambda self, step, s: written.append((step, dict(s))) or write(self, step, s))
   workdir = tmp_path / "run"
   report, seen = _run_e2e(config, workdir)
   metrics = _check_e2e(config, workdir, report, seen)
   assert report["model"] == "codinet"
+  # The periodic evaluation: after every step but the last (the final report's), in summaries
+  # named as the final report's and one console line each.
+  total = config.train.stage1.steps + config.train.stage2.steps
+  evals = {step: s for step, s in written if "eval/accuracy_routed" in s}
+  assert sorted(evals) == list(range(1, total + 1)), sorted(evals)
+  for step in range(1, total):
+    assert set(evals[step]) == {"eval/accuracy_all", "eval/accuracy_routed", "eval/macs_all",
+                                "eval/macs_routed_mean", "eval/threshold"}
+    assert 0.0 <= evals[step]["eval/accuracy_routed"] <= 1.0
+    assert evals[step]["eval/macs_routed_mean"] <= evals[step]["eval/macs_all"]
+  assert evals[total]["eval/macs_all"] == pytest.approx(evals[1]["eval/macs_all"])
+  out = capsys.readouterr().out
+  assert [line.split("  acc")[0] for line in out.splitlines() if line.startswith("eval ")] == [
+      f"eval     step {step}" for step in range(1, total)]
   for term in ("ce", "consistency", "diversity", "cost"):
     assert f"loss/{term}" in metrics[0], term
   assert "loss/consistency" not in metrics[3]

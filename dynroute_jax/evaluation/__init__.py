@@ -19,7 +19,8 @@ Modules:
   * `instance`: instance awareness (confidence split, clean vs noisy inputs);
   * `static`: the static counterpart of equal cost;
   * `table`: the printed table;
-  * `report`: `evaluate_and_report`, which runs them all and writes `eval/report.json`.
+  * `report`: `evaluate_and_report`, which runs them all and writes `eval/report.json`, and
+    `evaluate_headline`, its headline numbers alone (the periodic evaluation in training).
 """
 
 from dynroute_jax.config_lib import check_threshold
@@ -42,6 +43,7 @@ from dynroute_jax.evaluation.predict import Passes
 from dynroute_jax.evaluation.predict import Predictor
 from dynroute_jax.evaluation.predict import run_dataset
 from dynroute_jax.evaluation.report import evaluate_and_report
+from dynroute_jax.evaluation.report import evaluate_headline
 from dynroute_jax.evaluation.report import ReportOptions
 from dynroute_jax.evaluation.static import MAX_EXHAUSTIVE_BLOCKS
 from dynroute_jax.evaluation.static import static_counterpart

@@ -133,6 +133,27 @@ def _sweep(passes: predict.Passes, test_ds, ts: Sequence[float], t_default: floa
   return sweep, res_default
 
 
+def evaluate_headline(config, model: nn.Module, variables: PyTree, test_ds, mesh, *,
+                      tau: float) -> dict[str, float]:
+  """The report's headline alone: accuracy and mean MACs with every branch, and routed at
+  `config.eval.threshold` (the periodic evaluation during training, `config.eval_every_steps`).
+
+  Its two passes are the final report's (same predictors, compiled once per process).
+
+  Returns:
+    accuracy_all, accuracy_routed, macs_all, macs_routed_mean (MACs per example), threshold.
+  """
+  t = config_lib.check_threshold(config.eval.threshold, "config.eval.threshold")
+  passes = predict.make_passes(model, config, variables, mesh, tau=tau,
+                               strategy=config_lib.eval_strategy(config), noise=False)
+  res_all = passes.all(test_ds)
+  macs_all = float(np.mean(res_all["macs"]))
+  routed = metrics.summarize(passes.routed(test_ds, t), macs_all)
+  return {"accuracy_all": metrics.summarize(res_all, macs_all)["accuracy"],
+          "accuracy_routed": routed["accuracy"], "macs_all": macs_all,
+          "macs_routed_mean": routed["macs_mean"], "threshold": t}
+
+
 def _header(config, step: int, tau: float, threshold: float, strategy: str) -> dict[str, Any]:
   """What was evaluated, and how."""
   return {
