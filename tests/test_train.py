@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -314,6 +315,26 @@ def test_optimizer_freezes_routers_whatever_the_tree_it_is_given(tiny_config):
   tx = train.make_optimizer(config, stage, router_pattern=r"conv")
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_array_equal(updates["block0"]["conv"]["kernel"], 0.0)
+
+
+def test_progress_rate_leaves_excluded_time_out(monkeypatch, capsys):
+  """Time spent evaluating between steps counts in neither step/s nor the ETA."""
+  clock = [1000.0]
+  monkeypatch.setattr(hooks.time, "time", lambda: clock[0])
+  written = []
+  writer = types.SimpleNamespace(write_scalars=lambda step, s: written.append((step, s)))
+  progress = hooks.ReportProgress(writer, stage_index=1, total_steps=40, every_steps=10)
+  metrics = {"loss/total": 1.0}
+  for step in range(20):
+    clock[0] += 0.5  # two steps per second
+    if step == 12:
+      clock[0] += 30.0  # an evaluation after step 11
+      progress.exclude(30.0)
+    progress(step, metrics, force=False)
+  assert [s for s, _ in written] == [10, 20]
+  assert written[1][1]["steps_per_sec"] == pytest.approx(2.0)
+  assert written[1][1]["eta_minutes"] == pytest.approx(20 / 2.0 / 60)
+  assert "2 step/s  ETA 10s" in capsys.readouterr().out
 
 
 def test_step_hooks_run_one_step_late_in_order():
