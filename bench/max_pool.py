@@ -73,7 +73,8 @@ def main() -> None:
     grads = [jax.grad(lambda x, pool=pool: jnp.sum(pool(x, stride) * w))(x)
              for pool in (xla_pool, our_pool)]
     np.testing.assert_array_equal(*grads)
-  print(f"values and gradients equal, ties included; load average {_timing.load_average():.2f} at end")
+  print("values and gradients equal, ties included; "
+        f"load average {_timing.load_average():.2f} at end")
 
 
 if __name__ == "__main__":
