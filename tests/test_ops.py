@@ -123,6 +123,48 @@ def test_depthwise_conv_matches_grouped_conv_and_counts_the_same(k, stride, dila
   assert costs.count_macs(fn, x[:1], w) == ho * ho * c * k * k
 
 
+@pytest.mark.parametrize("size,k,stride,dilation", [
+    (9, 3, 1, 1), (8, 5, 2, 1), (9, 3, 1, 2), (8, 5, 1, 2), (2, 5, 1, 1), (2, 5, 2, 1),
+    (1, 3, 1, 1), (4, 5, 2, 2)])
+def test_depthwise_taps_matches_grouped_conv_and_counts_the_same(size, k, stride, dilation):
+  """The inference depthwise conv (a sum of shifted taps on CPU) equals XLA's grouped conv, also
+  on maps smaller than the kernel (taps that read only padding are left out), has no convolution
+  on CPU, and counts the depthwise conv's MACs."""
+  from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
+  c = 6
+  x = _normal(1, (3, size, size, c))
+  w = _normal(2, (k, k, 1, c))
+  p = dilation * (k // 2)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  kwargs = dict(window_strides=(stride, stride), padding=((p, p), (p, p)),
+                rhs_dilation=(dilation, dilation), dimension_numbers=dn, feature_group_count=c)
+  fn = lambda x, w: common.depthwise_taps(x, w, **kwargs)
+  plain = jax.lax.conv_general_dilated(x, w, **kwargs)
+  np.testing.assert_allclose(fn(x, w), plain, rtol=1e-5, atol=1e-5)
+  if jax.default_backend() == "cpu":
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(fn)(x, w))
+  ho = plain.shape[1]
+  assert costs.count_macs(fn, x[:1], w) == ho * ho * c * k * k
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_sep_conv_runs_its_depthwise_convs_as_taps_in_inference_only(train, monkeypatch):
+  """In inference a SepConv's depthwise convs are taps on CPU (its two pointwise convs remain);
+  in training they stay convolutions, whose gradients compile fast. The taps give the values of
+  the convolutions."""
+  from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
+  module = ops.SepConv(6, 5, 2)
+  x = _normal(3, (2, 8, 8, 6))
+  variables = module.init(jax.random.key(0), x, train=False)
+  apply = lambda x: module.apply(variables, x, train=train, mutable=["batch_stats"])[0]
+  convs = str(jax.make_jaxpr(apply)(x)).count("conv_general_dilated[")
+  if jax.default_backend() == "cpu":
+    assert convs == (4 if train else 2)
+  ours = apply(x)
+  monkeypatch.setattr(common, "depthwise_taps", common.depthwise_conv)
+  np.testing.assert_allclose(ours, apply(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("size,k,stride,groups", [
     (4, 5, 1, 1), (2, 3, 1, 1), (2, 5, 1, 1), (1, 3, 1, 1), (3, 5, 1, 4), (4, 5, 2, 1),
     (2, 3, 2, 4), (8, 5, 1, 1), (8, 3, 2, 4)])
