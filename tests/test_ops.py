@@ -126,11 +126,13 @@ def test_depthwise_conv_matches_grouped_conv_and_counts_the_same(k, stride, dila
 @pytest.mark.parametrize("size,k,stride,dilation", [
     (9, 3, 1, 1), (8, 5, 2, 1), (9, 3, 1, 2), (8, 5, 1, 2), (2, 5, 1, 1), (2, 5, 2, 1),
     (1, 3, 1, 1), (4, 5, 2, 2)])
-def test_depthwise_taps_matches_grouped_conv_and_counts_the_same(size, k, stride, dilation):
+def test_depthwise_taps_matches_grouped_conv_and_counts_the_same(size, k, stride, dilation,
+                                                               monkeypatch):
   """The inference depthwise conv (a sum of shifted taps on CPU) equals XLA's grouped conv, also
   on maps smaller than the kernel (taps that read only padding are left out), has no convolution
   on CPU, and counts the depthwise conv's MACs."""
   from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(common, "TAPS_MIN_ACTIVATIONS", 0)  # taps on these small maps too
   c = 6
   x = _normal(1, (3, size, size, c))
   w = _normal(2, (k, k, 1, c))
@@ -153,8 +155,8 @@ def test_sep_conv_runs_its_depthwise_convs_as_taps_in_inference_only(train, monk
   in training they stay convolutions, whose gradients compile fast. The taps give the values of
   the convolutions."""
   from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
-  module = ops.SepConv(6, 5, 2)
-  x = _normal(3, (2, 8, 8, 6))
+  module = ops.SepConv(8, 5, 1)
+  x = _normal(3, (2, 16, 16, 8))  # 2048 values per example: taps (TAPS_MIN_ACTIVATIONS)
   variables = module.init(jax.random.key(0), x, train=False)
   apply = lambda x: module.apply(variables, x, train=train, mutable=["batch_stats"])[0]
   convs = str(jax.make_jaxpr(apply)(x)).count("conv_general_dilated[")
@@ -163,6 +165,23 @@ def test_sep_conv_runs_its_depthwise_convs_as_taps_in_inference_only(train, monk
   ours = apply(x)
   monkeypatch.setattr(common, "depthwise_taps", common.depthwise_conv)
   np.testing.assert_allclose(ours, apply(x), rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_taps_keep_the_diagonal_kernel_on_small_maps():
+  """Below TAPS_MIN_ACTIVATIONS values per example the inference depthwise conv stays the
+  (faster-compiling) diagonal kernel; from there on it is taps."""
+  from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
+  w = _normal(2, (3, 3, 1, 8))
+  kwargs = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), feature_group_count=8,
+                dimension_numbers=jax.lax.conv_dimension_numbers(
+                    (1, 16, 16, 8), w.shape, ("NHWC", "HWIO", "NHWC")))
+  for hw, taps in ((15, False), (16, True)):  # 15 * 15 * 8 = 1800 and 16 * 16 * 8 = 2048 values
+    x = _normal(1, (2, hw, hw, 8))
+    jaxpr = str(jax.make_jaxpr(lambda x, w: common.depthwise_taps(x, w, **kwargs))(x, w))
+    if jax.default_backend() == "cpu":
+      assert ("conv_general_dilated" not in jaxpr) == taps
+    np.testing.assert_allclose(common.depthwise_taps(x, w, **kwargs),
+                               jax.lax.conv_general_dilated(x, w, **kwargs), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size,k,stride,groups", [

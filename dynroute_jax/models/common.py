@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -79,8 +80,10 @@ def depthwise_conv(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilat
   depthwise 5x5 with its gradients took 15 ms grouped and 3.5 ms dense, 64x32x32x64 1463 ms and
   1029 ms, and the DRNet digits train step 841 ms and 322 ms, at the same compile time (53 s,
   50 s). A sum of k*k shifted taps ran that step in 196 ms but doubled its compile, which
-  dominates every short CPU run. Elsewhere, and while `costs.count_macs` traces (so MACs are
-  counted from the depthwise convolution itself), it is the plain grouped convolution.
+  dominates every short CPU run, so training uses this form; inference, which takes no
+  gradients, uses those taps (`depthwise_taps`). Elsewhere, and while `costs.count_macs` traces
+  (so MACs are counted from the depthwise convolution itself), it is the plain grouped
+  convolution.
   """
   kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                 dimension_numbers=dimension_numbers, precision=precision,
@@ -96,6 +99,11 @@ def depthwise_conv(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilat
   return small_map_conv(lhs, dense, window_strides, padding, **kwargs)
 
 
+# Inputs with fewer values per example (H * W * C) keep the diagonal kernel in inference
+# (`depthwise_taps`): DRNet S's smallest map, 8x8x60, has 3840.
+TAPS_MIN_ACTIVATIONS = 2048
+
+
 def depthwise_taps(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilation=None,
                    rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                    precision=None, preferred_element_type=None) -> Array:
@@ -107,13 +115,20 @@ def depthwise_taps(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilat
   DRNet S's shapes: 32x32x15 5x5 0.78 ms against 4.2 ms dense, 16x16x30 3x3 0.41 against 1.6 ms,
   8x8x60 5x5 0.55 against 5.2 ms; the DRNet S forward at batch 32 takes 177 ms against 585 ms.
   Its gradient (a pad per tap) compiles slowly, so training keeps `depthwise_conv`. Taps that
-  read only padding (a 5x5 kernel on a 2x2 map) are left out. Elsewhere, and while
+  read only padding (a 5x5 kernel on a 2x2 map) are left out.
+
+  Taps also compile about twice as long per convolution (+70 ms alone on CPU). On inputs of fewer
+  than `TAPS_MIN_ACTIVATIONS` values per example (the digits models' 8x8x8 to 2x2x32 maps) the
+  diagonal kernel costs microseconds per example, and the compile of a routed pass (three
+  copies of every branch) outweighs what the taps save, so those keep `depthwise_conv`: a test
+  of the digits DRNet's `chunk` report took 70 s with taps against 14 s. Elsewhere, and while
   `costs.count_macs` traces, this is `depthwise_conv`.
   """
   kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                 dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                 precision=precision, preferred_element_type=preferred_element_type)
-  if not _taps_apply(lhs, rhs, window_strides, padding, **kwargs):
+  if (not _taps_apply(lhs, rhs, window_strides, padding, **kwargs)
+      or math.prod(lhs.shape[1:]) < TAPS_MIN_ACTIVATIONS):
     return depthwise_conv(lhs, rhs, window_strides, padding, **kwargs)
   (sh, sw), (dh, dw) = tuple(window_strides), tuple(rhs_dilation or (1, 1))
   (pt, pb), (pl, pr) = (tuple(p) for p in padding)
