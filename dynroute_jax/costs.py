@@ -9,8 +9,9 @@ MACs are never typed in by hand: `count_macs` traces a function to a jaxpr and s
 every `conv_general_dilated` and `dot_general` it finds, from their static shapes. Models call
 `module_macs` on a branch or block definition to build their per-unit MACs tables. While
 `count_macs` traces, `counting()` is True: layers that compute a convolution some other way for
-speed (the depthwise convolutions on CPU, `models.common.depthwise_conv`) then emit the plain
-convolution, so the count sees one `conv_general_dilated` whichever implementation runs.
+speed (the depthwise convolutions on CPU, `models.common.depthwise_conv` and `depthwise_taps`)
+then emit the plain convolution, so the count sees one `conv_general_dilated` whichever
+implementation runs.
 """
 
 from __future__ import annotations

@@ -120,9 +120,9 @@ def depthwise_taps(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilat
   Taps also compile about twice as long per convolution (+70 ms alone on CPU). On inputs of fewer
   than `TAPS_MIN_ACTIVATIONS` values per example (the digits models' 8x8x8 to 2x2x32 maps) the
   diagonal kernel costs microseconds per example, and the compile of a routed pass (three
-  copies of every branch) outweighs what the taps save, so those keep `depthwise_conv`: a test
-  of the digits DRNet's `chunk` report took 70 s with taps against 14 s. Elsewhere, and while
-  `costs.count_macs` traces, this is `depthwise_conv`.
+  copies of every branch) outweighs what the taps save, so those keep `depthwise_conv`: with
+  taps on every map, a test's `chunk` report of a shrunk digits DRNet took 70 s against 55 s.
+  Elsewhere, and while `costs.count_macs` traces, this is `depthwise_conv`.
   """
   kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                 dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
