@@ -128,9 +128,10 @@ def test_depthwise_conv_matches_grouped_conv_and_counts_the_same(k, stride, dila
     (1, 3, 1, 1), (4, 5, 2, 2)])
 def test_depthwise_taps_matches_grouped_conv_and_counts_the_same(size, k, stride, dilation,
                                                                monkeypatch):
-  """The inference depthwise conv (a sum of shifted taps on CPU) equals XLA's grouped conv, also
-  on maps smaller than the kernel (taps that read only padding are left out), has no convolution
-  on CPU, and counts the depthwise conv's MACs."""
+  """The taps depthwise conv (a sum of shifted taps on CPU) equals XLA's grouped conv, value and
+  gradients (the diagonal kernel's VJP), also on maps smaller than the kernel (taps that read
+  only padding are left out), has no convolution in its forward pass on CPU, and counts the
+  depthwise conv's MACs."""
   from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(common, "TAPS_MIN_ACTIVATIONS", 0)  # taps on these small maps too
   c = 6
@@ -145,31 +146,40 @@ def test_depthwise_taps_matches_grouped_conv_and_counts_the_same(size, k, stride
   np.testing.assert_allclose(fn(x, w), plain, rtol=1e-5, atol=1e-5)
   if jax.default_backend() == "cpu":
     assert "conv_general_dilated" not in str(jax.make_jaxpr(fn)(x, w))
+  loss = lambda f, x, w: jnp.sum(jnp.sin(f(x, w, **kwargs)))
+  g_ours = jax.grad(lambda x, w: loss(common.depthwise_taps, x, w), argnums=(0, 1))(x, w)
+  g_xla = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
+  for a, b in zip(g_ours, g_xla):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   ho = plain.shape[1]
   assert costs.count_macs(fn, x[:1], w) == ho * ho * c * k * k
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_sep_conv_runs_its_depthwise_convs_as_taps_in_inference_only(train, monkeypatch):
-  """In inference a SepConv's depthwise convs are taps on CPU (its two pointwise convs remain);
-  in training they stay convolutions, whose gradients compile fast. The taps give the values of
-  the convolutions."""
+def test_sep_conv_runs_its_depthwise_convs_as_taps(train, monkeypatch):
+  """A SepConv's depthwise convs are taps on CPU in both modes (its two pointwise convs remain in
+  the forward pass); values and parameter gradients are those of the diagonal-kernel convs."""
   from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
   module = ops.SepConv(8, 5, 1)
   x = _normal(3, (2, 16, 16, 8))  # 2048 values per example: taps (TAPS_MIN_ACTIVATIONS)
   variables = module.init(jax.random.key(0), x, train=False)
-  apply = lambda x: module.apply(variables, x, train=train, mutable=["batch_stats"])[0]
-  convs = str(jax.make_jaxpr(apply)(x)).count("conv_general_dilated[")
+
+  def loss(params, x):
+    y = module.apply({**variables, "params": params}, x, train=train, mutable=["batch_stats"])[0]
+    return jnp.sum(jnp.sin(y))
+
   if jax.default_backend() == "cpu":
-    assert convs == (4 if train else 2)
-  ours = apply(x)
+    assert str(jax.make_jaxpr(loss)(variables["params"], x)).count("conv_general_dilated[") == 2
+  ours = jax.value_and_grad(loss)(variables["params"], x)
   monkeypatch.setattr(common, "depthwise_taps", common.depthwise_conv)
-  np.testing.assert_allclose(ours, apply(x), rtol=1e-5, atol=1e-5)
+  diagonal = jax.value_and_grad(loss)(variables["params"], x)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(diagonal)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_depthwise_taps_keep_the_diagonal_kernel_on_small_maps():
-  """Below TAPS_MIN_ACTIVATIONS values per example the inference depthwise conv stays the
-  (faster-compiling) diagonal kernel; from there on it is taps."""
+  """Below TAPS_MIN_ACTIVATIONS values per example the depthwise conv stays the (faster-compiling)
+  diagonal kernel; from there on it is taps."""
   from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
   w = _normal(2, (3, 3, 1, 8))
   kwargs = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), feature_group_count=8,

@@ -49,22 +49,18 @@ def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
 
 
 def conv(features: int, kernel_size: int, stride: int = 1, groups: int = 1,
-         name: str | None = None, kernel_init: Callable[..., Array] | None = None, *,
-         train: bool = True) -> nn.Conv:
+         name: str | None = None, kernel_init: Callable[..., Array] | None = None) -> nn.Conv:
   """Bias-free 2-D convolution with PyTorch-style symmetric padding k // 2.
 
   With symmetric padding a stride-2 conv maps an even H to H / 2, as in the reference code.
   `kernel_init` None keeps Flax's default initialiser. A depthwise conv (groups == features)
-  runs through `depthwise_conv` when `train` (gradients will be taken) and through
-  `depthwise_taps` otherwise; any other conv through `small_map_conv` (same parameters, same
-  result up to float rounding).
+  runs through `depthwise_taps`, any other through `small_map_conv` (same parameters, same result
+  up to float rounding).
   """
   p = kernel_size // 2
   init = {} if kernel_init is None else {"kernel_init": kernel_init}
-  if groups > 1 and groups == features:
-    init["conv_general_dilated"] = depthwise_conv if train else depthwise_taps
-  else:
-    init["conv_general_dilated"] = small_map_conv
+  init["conv_general_dilated"] = (depthwise_taps if groups > 1 and groups == features
+                                  else small_map_conv)
   return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=((p, p), (p, p)), feature_group_count=groups, use_bias=False, name=name,
                  **init)
@@ -80,10 +76,10 @@ def depthwise_conv(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilat
   depthwise 5x5 with its gradients took 15 ms grouped and 3.5 ms dense, 64x32x32x64 1463 ms and
   1029 ms, and the DRNet digits train step 841 ms and 322 ms, at the same compile time (53 s,
   50 s). A sum of k*k shifted taps ran that step in 196 ms but doubled its compile, which
-  dominates every short CPU run, so training uses this form; inference, which takes no
-  gradients, uses those taps (`depthwise_taps`). Elsewhere, and while `costs.count_macs` traces
-  (so MACs are counted from the depthwise convolution itself), it is the plain grouped
-  convolution.
+  dominates every short CPU run. So the taps (`depthwise_taps`, from 2048 values per example)
+  run the forward pass and this form the gradient, and smaller maps use this form throughout.
+  Elsewhere, and while `costs.count_macs` traces (so MACs are counted from the depthwise
+  convolution itself), it is the plain grouped convolution.
   """
   kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                 dimension_numbers=dimension_numbers, precision=precision,
@@ -99,23 +95,26 @@ def depthwise_conv(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilat
   return small_map_conv(lhs, dense, window_strides, padding, **kwargs)
 
 
-# Inputs with fewer values per example (H * W * C) keep the diagonal kernel in inference
-# (`depthwise_taps`): DRNet S's smallest map, 8x8x60, has 3840.
+# Inputs with fewer values per example (H * W * C) keep the diagonal kernel (`depthwise_taps`):
+# DRNet S's smallest map, 8x8x60, has 3840.
 TAPS_MIN_ACTIVATIONS = 2048
 
 
 def depthwise_taps(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilation=None,
                    rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                    precision=None, preferred_element_type=None) -> Array:
-  """`lax.conv_general_dilated` for depthwise convs in inference; on CPU a sum of shifted taps.
+  """`lax.conv_general_dilated` for depthwise convs; on CPU a sum of shifted taps.
 
   Each of the k*k taps is a strided slice of the padded map times the tap's per-channel weights;
   XLA fuses the sum into one loop over the output, k*k multiply-adds per output element. The
   dense diagonal kernel of `depthwise_conv` does C times that. XLA:CPU, forward only, batch 32,
   DRNet S's shapes: 32x32x15 5x5 0.78 ms against 4.2 ms dense, 16x16x30 3x3 0.41 against 1.6 ms,
   8x8x60 5x5 0.55 against 5.2 ms; the DRNet S forward at batch 32 takes 177 ms against 585 ms.
-  Its gradient (a pad per tap) compiles slowly, so training keeps `depthwise_conv`. Taps that
-  read only padding (a 5x5 kernel on a 2x2 map) are left out.
+  Taps that read only padding (a 5x5 kernel on a 2x2 map) are left out.
+
+  The gradient is `depthwise_conv`'s (a custom VJP): the taps' own gradient, a pad per tap,
+  doubled the compile of a DRNet train step. DRNet S's train step at batch 32 took 0.83x the
+  time of the diagonal kernel's (2084 against 2423 ms) and compiled in 101 s against 83 s.
 
   Taps also compile about twice as long per convolution (+70 ms alone on CPU). On inputs of fewer
   than `TAPS_MIN_ACTIVATIONS` values per example (the digits models' 8x8x8 to 2x2x32 maps) the
@@ -130,21 +129,46 @@ def depthwise_taps(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilat
   if (not _taps_apply(lhs, rhs, window_strides, padding, **kwargs)
       or math.prod(lhs.shape[1:]) < TAPS_MIN_ACTIVATIONS):
     return depthwise_conv(lhs, rhs, window_strides, padding, **kwargs)
-  (sh, sw), (dh, dw) = tuple(window_strides), tuple(rhs_dilation or (1, 1))
-  (pt, pb), (pl, pr) = (tuple(p) for p in padding)
-  n, h, w, c = lhs.shape
-  kh, kw = rhs.shape[:2]
+  static = (tuple(window_strides), tuple(tuple(p) for p in padding),
+            tuple(rhs_dilation or (1, 1)), dimension_numbers, precision)
+  return _taps(lhs, rhs, static)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _taps(x: Array, w: Array, static) -> Array:
+  """The sum of shifted taps (`depthwise_taps`); `static` = (strides, padding, dilation, dn,
+  precision)."""
+  (sh, sw), ((pt, pb), (pl, pr)), (dh, dw), _, _ = static
+  n, h, wd, c = x.shape
+  kh, kw = w.shape[:2]
   ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-  wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-  x_pad = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  wo = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+  x_pad = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   out = None
   for i in _data_taps(kh, dh, sh, ho, pt, h):
-    for j in _data_taps(kw, dw, sw, wo, pl, w):
+    for j in _data_taps(kw, dw, sw, wo, pl, wd):
       start = (0, i * dh, j * dw, 0)
       limit = (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c)
-      term = jax.lax.slice(x_pad, start, limit, (1, sh, sw, 1)) * rhs[i, j, 0]
+      term = jax.lax.slice(x_pad, start, limit, (1, sh, sw, 1)) * w[i, j, 0]
       out = term if out is None else out + term
-  return jnp.zeros((n, ho, wo, c), lhs.dtype) if out is None else out
+  return jnp.zeros((n, ho, wo, c), x.dtype) if out is None else out
+
+
+def _taps_fwd(x, w, static):
+  return _taps(x, w, static), (x, w)
+
+
+def _taps_bwd(static, residuals, g):
+  """The diagonal kernel's VJP (`depthwise_conv`): its gradients compile fast."""
+  x, w = residuals
+  strides, padding, dilation, dn, precision = static
+  _, vjp = jax.vjp(lambda x_, w_: depthwise_conv(
+      x_, w_, strides, padding, rhs_dilation=dilation, dimension_numbers=dn,
+      feature_group_count=x.shape[-1], precision=precision), x, w)
+  return vjp(g)
+
+
+_taps.defvjp(_taps_fwd, _taps_bwd)
 
 
 def _taps_apply(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation,

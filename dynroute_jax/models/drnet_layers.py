@@ -105,7 +105,7 @@ class RouterNet(nn.Module):
     for _ in range(2):
       x = ops.conv(self.width, 1)(x)
       x = nn.relu(ops.batch_norm(train)(x))
-      x = ops.conv(self.width, 5, 2, groups=self.width, train=train)(x)
+      x = ops.conv(self.width, 5, 2, groups=self.width)(x)
       x = nn.relu(ops.batch_norm(train)(x))
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_connections * self.num_branches)(x)

@@ -65,11 +65,11 @@ class SepConv(nn.Module):
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     c_in = x.shape[-1]
     x = nn.relu(x)
-    x = conv(c_in, self.kernel_size, self.stride, groups=c_in, train=train)(x)
+    x = conv(c_in, self.kernel_size, self.stride, groups=c_in)(x)
     x = conv(c_in, 1)(x)
     x = batch_norm(train)(x)
     x = nn.relu(x)
-    x = conv(c_in, self.kernel_size, 1, groups=c_in, train=train)(x)
+    x = conv(c_in, self.kernel_size, 1, groups=c_in)(x)
     x = conv(self.features, 1)(x)
     return batch_norm(train)(x)
 
