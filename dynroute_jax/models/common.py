@@ -177,7 +177,7 @@ def _taps_apply(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation
   del window_strides, precision
   c = lhs.shape[-1]
   return (not costs.counting() and jax.default_backend() == "cpu" and lhs.ndim == 4
-          and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation,))
+          and (lhs_dilation in (None, 1) or tuple(lhs_dilation) == (1, 1))
           and preferred_element_type is None and not isinstance(padding, str)
           and dimension_numbers is not None
           and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
