@@ -91,34 +91,44 @@ def test_drop_path():
     module.apply({}, x, 1.0, deterministic=False, rngs={"dropout": jax.random.key(3)})
 
 
+def _depthwise_case(c, size, k, stride, dilation):
+  """(x [3, size, size, c], w [k, k, 1, c], the conv's keyword arguments) of a depthwise conv with
+  symmetric padding dilation * (k // 2)."""
+  x = _normal(1, (3, size, size, c))
+  w = _normal(2, (k, k, 1, c))
+  p = dilation * (k // 2)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  kwargs = dict(window_strides=(stride, stride), padding=((p, p), (p, p)),
+                rhs_dilation=(dilation, dilation), dimension_numbers=dn, feature_group_count=c)
+  return x, w, kwargs
+
+
+def _assert_matches_xla_conv(conv_fn, x, w, kwargs):
+  """conv_fn(x, w, **kwargs) equals XLA's conv (grouped or not), values and gradients of a sin-sum
+  loss."""
+  loss = lambda f, x, w: jnp.sum(jnp.sin(f(x, w, **kwargs)))
+  np.testing.assert_allclose(conv_fn(x, w, **kwargs), jax.lax.conv_general_dilated(x, w, **kwargs),
+                             rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(lambda x, w: loss(conv_fn, x, w), argnums=(0, 1))(x, w)
+  g_xla = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
+  for a, b in zip(g_ours, g_xla):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (3, 1, 2), (5, 1, 2)])
 def test_depthwise_conv_matches_grouped_conv_and_counts_the_same(k, stride, dilation):
   """The CPU depthwise conv (a dense conv of a diagonal kernel) equals XLA's grouped conv, value
   and gradients, and its MACs are counted as the depthwise conv's."""
   from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
   c, h = 8, 9
-  x = _normal(1, (3, h, h, c))
-  w = _normal(2, (k, k, 1, c))
-  p = dilation * (k // 2)
-  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  kwargs = dict(window_strides=(stride, stride), padding=((p, p), (p, p)),
-                rhs_dilation=(dilation, dilation), dimension_numbers=dn, feature_group_count=c)
-
-  def loss(fn, x, w):
-    return jnp.sum(jnp.sin(fn(x, w, **kwargs)))
-
-  ours = common.depthwise_conv(x, w, **kwargs)
-  plain = jax.lax.conv_general_dilated(x, w, **kwargs)
-  np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
-  g_ours = jax.grad(lambda x, w: loss(common.depthwise_conv, x, w), argnums=(0, 1))(x, w)
-  g_plain = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
-  for a, b in zip(g_ours, g_plain):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  x, w, kwargs = _depthwise_case(c, h, k, stride, dilation)
+  _assert_matches_xla_conv(common.depthwise_conv, x, w, kwargs)
   # On CPU the dense conv is what runs (no grouped convolution in the jaxpr) ...
   fn = lambda x, w: common.depthwise_conv(x, w, **kwargs)
   if jax.default_backend() == "cpu":
     assert f"feature_group_count={c}" not in str(jax.make_jaxpr(fn)(x, w))
   # ... yet MACs are counted from the one convolution: Ho*Wo*C*k*k per image.
+  p = dilation * (k // 2)
   ho = (h + 2 * p - dilation * (k - 1) - 1) // stride + 1
   assert costs.count_macs(fn, x[:1], w) == ho * ho * c * k * k
 
@@ -135,23 +145,12 @@ def test_depthwise_taps_matches_grouped_conv_and_counts_the_same(size, k, stride
   from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(common, "TAPS_MIN_ACTIVATIONS", 0)  # taps on these small maps too
   c = 6
-  x = _normal(1, (3, size, size, c))
-  w = _normal(2, (k, k, 1, c))
-  p = dilation * (k // 2)
-  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  kwargs = dict(window_strides=(stride, stride), padding=((p, p), (p, p)),
-                rhs_dilation=(dilation, dilation), dimension_numbers=dn, feature_group_count=c)
+  x, w, kwargs = _depthwise_case(c, size, k, stride, dilation)
+  _assert_matches_xla_conv(common.depthwise_taps, x, w, kwargs)
   fn = lambda x, w: common.depthwise_taps(x, w, **kwargs)
-  plain = jax.lax.conv_general_dilated(x, w, **kwargs)
-  np.testing.assert_allclose(fn(x, w), plain, rtol=1e-5, atol=1e-5)
   if jax.default_backend() == "cpu":
     assert "conv_general_dilated" not in str(jax.make_jaxpr(fn)(x, w))
-  loss = lambda f, x, w: jnp.sum(jnp.sin(f(x, w, **kwargs)))
-  g_ours = jax.grad(lambda x, w: loss(common.depthwise_taps, x, w), argnums=(0, 1))(x, w)
-  g_xla = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
-  for a, b in zip(g_ours, g_xla):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  ho = plain.shape[1]
+  ho = jax.eval_shape(fn, x, w).shape[1]
   assert costs.count_macs(fn, x[:1], w) == ho * ho * c * k * k
 
 
@@ -209,13 +208,7 @@ def test_conv_on_maps_smaller_than_the_kernel_matches_xla(size, k, stride, group
   kwargs = dict(window_strides=(stride, stride), padding=((p, p), (p, p)), dimension_numbers=dn,
                 feature_group_count=groups)
   ours = common.depthwise_conv if groups > 1 else common.small_map_conv
-  loss = lambda fn, x, w: jnp.sum(jnp.sin(fn(x, w, **kwargs)))
-  np.testing.assert_allclose(ours(x, w, **kwargs), jax.lax.conv_general_dilated(x, w, **kwargs),
-                             rtol=1e-5, atol=1e-5)
-  g_ours = jax.grad(lambda x, w: loss(ours, x, w), argnums=(0, 1))(x, w)
-  g_xla = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
-  for a, b in zip(g_ours, g_xla):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  _assert_matches_xla_conv(ours, x, w, kwargs)
   ho = (size + 2 * p - k) // stride + 1
   macs = costs.count_macs(lambda x, w: ours(x, w, **kwargs), x[:1], w)
   assert macs == ho * ho * k * k * (c // groups) * c
