@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import importlib.util
 import itertools
 import os
 import pathlib
+import tempfile
 from typing import Any, Iterator, Protocol
 
 import jax
@@ -288,12 +290,30 @@ def tfds_is_mocked() -> bool:
   return getattr(as_dataset, "__module__", "").startswith("tensorflow_datasets.testing")
 
 
+@contextlib.contextmanager
+def _stray_tempdirs_removed() -> Iterator[None]:
+  """Temporary directories made inside the block are removed at its end.
+
+  tfds (4.9) builds the metadata of a dataset that is not prepared (a mocked dataset, or a missing
+  one before our error) in a fresh `tempfile.mkdtemp('tfds')` and never removes it: without this,
+  every such builder left an empty `tmp*tfds` directory in the system temp directory. Set-up runs
+  on one thread, which the process-wide `tempfile.tempdir` this swaps relies on.
+  """
+  with tempfile.TemporaryDirectory(prefix="dynroute_tfds_") as scratch:
+    saved, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      yield
+    finally:
+      tempfile.tempdir = saved
+
+
 def _tfds_builder(name: str, data_dir: str, check_prepared: bool | None):
   tfds = _tfds()
 
   if check_prepared is None:
     check_prepared = not tfds_is_mocked()
-  builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+  with _stray_tempdirs_removed():
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
   if check_prepared and not builder.is_prepared():
     raise FileNotFoundError(
         f"Dataset '{name}' is not prepared in data dir '{data_dir}' (looked for {builder.data_dir}); "

@@ -4,6 +4,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -86,6 +87,23 @@ def test_missing_tfds_dataset_fails_fast(tmp_path):
   assert time.monotonic() - start < 10.0
   message = str(info.value)
   assert "cifar100" in message and str(tmp_path) in message and "tfds build cifar100" in message
+
+
+def test_tfds_builders_leave_no_temporary_directories(tmp_path, monkeypatch):
+  """A builder of an unprepared dataset (mocked, or missing) left an empty `tmp*tfds` behind."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  system_tmp = tmp_path / "system_tmp"
+  system_tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+  config = _data_config(name="cifar10", data_dir=str(tmp_path / "data"), image_size=32,
+                        num_channels=3)
+  with tfds.testing.mock_data(num_examples=4):
+    assert len(ip.load_dataset(config, "train")) == 4
+  with pytest.raises(FileNotFoundError, match="not prepared"):
+    ip.load_dataset(config, "train")
+  assert tempfile.gettempdir() == str(system_tmp)
+  # Directories only: TensorFlow's autograph keeps its generated files there until exit.
+  assert not [p.name for p in system_tmp.iterdir() if p.is_dir()]
 
 
 def test_cifar10_through_load_dataset_under_mock_data(tmp_path):
