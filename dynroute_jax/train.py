@@ -298,15 +298,17 @@ def _train_stage(run: _Run, stage: Stage, state: TrainState, compiled: Any, star
         logging.warning("Saved step %d after a stop signal (%s); rerun the same command to resume.",
                         done, preemption.signum)
         return state, True
-      if done % config.checkpoint.every_steps == 0 and done != stage.end:
+      at_end = done == stage.end
+      if at_end or done % config.checkpoint.every_steps == 0:
         monitor.flush()  # A non-finite step stops training before a checkpoint can include it.
-        _save(ckpt, done, state, stage, config)
+        # The stage's end is always saved, and before its evaluation: an evaluation that fails
+        # never costs the stage's last steps.
+        _save(ckpt, done, state, stage, config, force=at_end)
       if config.eval_every_steps and done % config.eval_every_steps == 0 and (
           done != run.stages[-1].end):  # The final report evaluates the last step.
         monitor.flush()  # The step's progress line first, and a finite step evaluated.
         progress.exclude(_periodic_eval(run, stage, state, done))
   monitor.flush()
-  _save(ckpt, stage.end, state, stage, config, force=True)
   return state, False
 
 

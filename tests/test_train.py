@@ -401,6 +401,28 @@ def no_eval(monkeypatch):
                       lambda config, model, variables, test_ds, mesh, workdir, **kw: {"step": kw["step"]})
 
 
+def test_a_stage_is_saved_before_its_last_step_is_evaluated(tiny_config, tmp_path, monkeypatch,
+                                                            capsys):
+  """The periodic evaluation at a stage's end ran before the stage's checkpoint: when it failed,
+  the stage's last steps were lost."""
+  config = tiny_config("codinet", "digits", stage1_steps=2, stage2_steps=2)
+  config.eval_every_steps = 2
+
+  def failing_eval(run, stage, state, step):
+    print(f"eval     step {step}")
+    raise RuntimeError("evaluation failed")
+
+  monkeypatch.setattr(train, "_periodic_eval", failing_eval)
+  with pytest.raises(RuntimeError, match="evaluation failed"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  restored, _ = _restore(tmp_path / "run", 2, items=("params",))
+  assert restored["params"]
+  lines = [line for line in capsys.readouterr().out.splitlines()
+           if line.startswith(("checkpoint", "eval "))]
+  assert len(lines) == 2 and lines[0].startswith("checkpoint step 2"), lines
+  assert lines[1] == "eval     step 2", lines
+
+
 def _resume_config(tiny_config):
   config = tiny_config("codinet", "digits", stage1_steps=3, stage2_steps=2)
   config.train.stage1.drop_path_rate = 0.2  # Exercise every random stream.
