@@ -139,9 +139,9 @@ def test_depthwise_conv_matches_grouped_conv_and_counts_the_same(k, stride, dila
 def test_depthwise_taps_matches_grouped_conv_and_counts_the_same(size, k, stride, dilation,
                                                                monkeypatch):
   """The taps depthwise conv (a sum of shifted taps on CPU) equals XLA's grouped conv, value and
-  gradients (the diagonal kernel's VJP), also on maps smaller than the kernel (taps that read
-  only padding are left out), has no convolution in its forward pass on CPU, and counts the
-  depthwise conv's MACs."""
+  gradients, also on maps smaller than the kernel (taps that read only padding are left out), has
+  no convolution in its forward pass on CPU, nor in its gradients when strided (stride 1 keeps the
+  diagonal kernel's VJP), and counts the depthwise conv's MACs."""
   from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(common, "TAPS_MIN_ACTIVATIONS", 0)  # taps on these small maps too
   c = 6
@@ -150,6 +150,8 @@ def test_depthwise_taps_matches_grouped_conv_and_counts_the_same(size, k, stride
   fn = lambda x, w: common.depthwise_taps(x, w, **kwargs)
   if jax.default_backend() == "cpu":
     assert "conv_general_dilated" not in str(jax.make_jaxpr(fn)(x, w))
+    grads = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)))(x, w)
+    assert ("conv_general_dilated" in str(grads)) == (stride == 1)
   ho = jax.eval_shape(fn, x, w).shape[1]
   assert costs.count_macs(fn, x[:1], w) == ho * ho * c * k * k
 

@@ -77,7 +77,8 @@ def depthwise_conv(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilat
   1029 ms, and the DRNet digits train step 841 ms and 322 ms, at the same compile time (53 s,
   50 s). A sum of k*k shifted taps ran that step in 196 ms but doubled its compile, which
   dominates every short CPU run. So the taps (`depthwise_taps`, from 2048 values per example)
-  run the forward pass and this form the gradient, and smaller maps use this form throughout.
+  run the forward pass and this form the gradient of stride-1 convolutions, and smaller maps use
+  this form throughout.
   Elsewhere, and while `costs.count_macs` traces (so MACs are counted from the depthwise
   convolution itself), it is the plain grouped convolution.
   """
@@ -112,9 +113,12 @@ def depthwise_taps(lhs: Array, rhs: Array, window_strides, padding, *, lhs_dilat
   8x8x60 5x5 0.55 against 5.2 ms; the DRNet S forward at batch 32 takes 177 ms against 585 ms.
   Taps that read only padding (a 5x5 kernel on a 2x2 map) are left out.
 
-  The gradient is `depthwise_conv`'s (a custom VJP): the taps' own gradient, a pad per tap,
-  doubled the compile of a DRNet train step. DRNet S's train step at batch 32 took 0.83x the
-  time of the diagonal kernel's (2084 against 2423 ms) and compiled in 101 s against 83 s.
+  The gradient of a stride-1 conv is `depthwise_conv`'s (a custom VJP): the taps' own gradient,
+  a pad per tap, doubled the compile of a DRNet train step. DRNet S's train step at batch 32 took
+  0.83x the time of the diagonal kernel's (2084 against 2423 ms) and compiled in 101 s against
+  83 s. Strided convs (the RouterNets', the reductions') take the taps' gradients
+  (`_strided_taps_vjp`), where the diagonal kernel costs most: the DRNet S step then took 1480
+  against 1590 ms, compiling in 85 s against 73 s (back to back).
 
   Taps also compile about twice as long per convolution (+70 ms alone on CPU). On inputs of fewer
   than `TAPS_MIN_ACTIVATIONS` values per example (the digits models' 8x8x8 to 2x2x32 maps) the
@@ -159,9 +163,12 @@ def _taps_fwd(x, w, static):
 
 
 def _taps_bwd(static, residuals, g):
-  """The diagonal kernel's VJP (`depthwise_conv`): its gradients compile fast."""
+  """Strided: the taps' own gradients (`_strided_taps_vjp`). Stride 1: the diagonal kernel's VJP
+  (`depthwise_conv`), whose gradients compile fast."""
   x, w = residuals
   strides, padding, dilation, dn, precision = static
+  if tuple(strides) != (1, 1):
+    return _strided_taps_vjp(static, x, w, g)
   _, vjp = jax.vjp(lambda x_, w_: depthwise_conv(
       x_, w_, strides, padding, rhs_dilation=dilation, dimension_numbers=dn,
       feature_group_count=x.shape[-1], precision=precision), x, w)
@@ -169,6 +176,53 @@ def _taps_bwd(static, residuals, g):
 
 
 _taps.defvjp(_taps_fwd, _taps_bwd)
+
+
+def _strided_taps_vjp(static, x: Array, w: Array, g: Array) -> tuple[Array, Array]:
+  """The gradients of `_taps` as taps: (dx [N, H, W, C], dw [kh, kw, 1, C]) for cotangent g.
+
+  Used for strided convolutions (the RouterNets' and the reductions'), where the diagonal kernel's
+  gradients cost most: XLA:CPU, batch 32, gradients of both operands, 5x5 stride 2, 32x32x45
+  14.8 ms against 38.7 ms, 16x16x30 1.3 against 3.7 ms, 8x8x60 0.8 against 6.0 ms. They compile
+  in about 0.6 s per convolution against 0.2 s, which is why stride 1 (most of DRNet's
+  convolutions; the 32x32x15 5x5 also ran slower, 16.4 against 11.3 ms) keeps the diagonal
+  kernel's.
+  """
+  (sh, sw), ((pt, pb), (pl, pr)), (dh, dw), _, _ = static
+  n, h, wd, c = x.shape
+  ho, wo = g.shape[1:3]
+  taps = [(i, j) for i in _data_taps(w.shape[0], dh, sh, ho, pt, h)
+          for j in _data_taps(w.shape[1], dw, sw, wo, pl, wd)]
+  x_pad = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  dw_ = jnp.zeros_like(w)
+  for i, j in taps:  # dw[i, j] = sum over examples and outputs of the tap's input times g.
+    limit = (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c)
+    tap = jax.lax.slice(x_pad, (0, i * dh, j * dw, 0), limit, (1, sh, sw, 1))
+    dw_ = dw_.at[i, j, 0].set(jnp.sum(tap * g, axis=(0, 1, 2)))
+  return _taps_input_grad((sh, sw), (pt, pl), (dh, dw), x.shape, w, g, taps), dw_
+
+
+def _taps_input_grad(strides, lo, dilation, x_shape, w: Array, g: Array, taps) -> Array:
+  """dx of `_taps` by phases: tap (i, j) sends g[o] * w[i, j] to padded position i*d + o*s, so
+  the positions of one residue r = (i*d) % s form a grid on which each tap is a shift of g by
+  (i*d) // s. Each residue's grid is a stride-1 sum of shifted taps of g; the grids interleave.
+  """
+  (sh, sw), (pt, pl), (dh, dw) = strides, lo, dilation
+  n, h, wd, c = x_shape
+  ho, wo = g.shape[1:3]
+  qh, qw = -(-(pt + h) // sh), -(-(pl + wd) // sw)  # grid rows and columns that reach the data
+  ah, aw = max(i * dh // sh for i, _ in taps), max(j * dw // sw for _, j in taps)
+  g_pad = jnp.pad(g, ((0, 0), (ah, max(0, qh - ho)), (aw, max(0, qw - wo)), (0, 0)))
+  grids = {}
+  for i, j in taps:
+    a, b = i * dh // sh, j * dw // sw
+    term = jax.lax.slice(g_pad, (0, ah - a, aw - b, 0), (n, ah - a + qh, aw - b + qw, c)) * w[i, j, 0]
+    r = (i * dh % sh, j * dw % sw)
+    grids[r] = term if r not in grids else grids[r] + term
+  zero = jnp.zeros((n, qh, qw, c), g.dtype)
+  full = jnp.stack([jnp.stack([grids.get((rh, rw), zero) for rw in range(sw)], axis=3)
+                    for rh in range(sh)], axis=2)  # [N, qh, sh, qw, sw, C]
+  return full.reshape(n, qh * sh, qw * sw, c)[:, pt:pt + h, pl:pl + wd]
 
 
 def _taps_apply(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation,
