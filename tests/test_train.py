@@ -483,7 +483,7 @@ def test_resume_is_bitwise_identical(tiny_config, tmp_path, monkeypatch, no_eval
 # 1 device against 8 fake CPU devices.
 
 _DEVICES_SCRIPT = textwrap.dedent("""
-    import json, os, sys, tempfile
+    import json, os, sys
     sys.path.insert(0, {tests!r})
     import jax
     from conftest import make_tiny_config
@@ -497,11 +497,12 @@ _DEVICES_SCRIPT = textwrap.dedent("""
       bad = config.copy_and_resolve_references()
       bad.train.global_batch_size = 12
       try:
-        train.train_and_evaluate(bad, os.path.join(tempfile.mkdtemp(), "bad"))
+        train.train_and_evaluate(bad, os.path.abspath("bad"))
       except ValueError as e:
         out["indivisible_error"] = str(e)
     losses = {{}}
-    train.train_and_evaluate(config, tempfile.mkdtemp(),
+    # Work directories in the test's own folder (the script's cwd), not in the system temp dir.
+    train.train_and_evaluate(config, os.path.abspath(f"run_{{jax.device_count()}}"),
                              metrics_callback=lambda s, m: losses.update({{s: m["loss/total"]}}))
     out["losses"] = [losses[s] for s in sorted(losses)]
     print("RESULT " + json.dumps(out))
