@@ -193,6 +193,8 @@ def _strided_taps_vjp(static, x: Array, w: Array, g: Array) -> tuple[Array, Arra
   ho, wo = g.shape[1:3]
   taps = [(i, j) for i in _data_taps(w.shape[0], dh, sh, ho, pt, h)
           for j in _data_taps(w.shape[1], dw, sw, wo, pl, wd)]
+  if not taps:  # Every tap reads padding only: the output is zeros (see `_taps`).
+    return jnp.zeros_like(x), jnp.zeros_like(w)
   x_pad = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   dw_ = jnp.zeros_like(w)
   for i, j in taps:  # dw[i, j] = sum over examples and outputs of the tap's input times g.
@@ -216,7 +218,8 @@ def _taps_input_grad(strides, lo, dilation, x_shape, w: Array, g: Array, taps) -
   grids = {}
   for i, j in taps:
     a, b = i * dh // sh, j * dw // sw
-    term = jax.lax.slice(g_pad, (0, ah - a, aw - b, 0), (n, ah - a + qh, aw - b + qw, c)) * w[i, j, 0]
+    shifted = jax.lax.slice(g_pad, (0, ah - a, aw - b, 0), (n, ah - a + qh, aw - b + qw, c))
+    term = shifted * w[i, j, 0]
     r = (i * dh % sh, j * dw % sw)
     grids[r] = term if r not in grids else grids[r] + term
   zero = jnp.zeros((n, qh, qw, c), g.dtype)
