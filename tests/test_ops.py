@@ -178,6 +178,19 @@ def test_sep_conv_runs_its_depthwise_convs_as_taps(train, monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_strided_taps_whose_taps_read_only_padding(monkeypatch):
+  """A 1x1 kernel with stride 4 on a 1x1 map padded by 2 reads padding only: zero outputs and
+  zero gradients, as XLA's grouped conv."""
+  from dynroute_jax.models import common  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(common, "TAPS_MIN_ACTIVATIONS", 0)
+  x, w = _normal(1, (2, 1, 1, 3)), _normal(2, (1, 1, 1, 3))
+  kwargs = dict(window_strides=(4, 4), padding=((2, 2), (2, 2)), feature_group_count=3,
+                dimension_numbers=jax.lax.conv_dimension_numbers(
+                    x.shape, w.shape, ("NHWC", "HWIO", "NHWC")))
+  _assert_matches_xla_conv(common.depthwise_taps, x, w, kwargs)
+  assert not np.any(jax.grad(lambda w: jnp.sum(common.depthwise_taps(x, w, **kwargs)))(w))
+
+
 def test_depthwise_taps_keep_the_diagonal_kernel_on_small_maps():
   """Below TAPS_MIN_ACTIVATIONS values per example the depthwise conv stays the (faster-compiling)
   diagonal kernel; from there on it is taps."""
