@@ -145,17 +145,14 @@ def _taps(x: Array, w: Array, static) -> Array:
   (sh, sw), ((pt, pb), (pl, pr)), (dh, dw), _, _ = static
   n, h, wd, c = x.shape
   kh, kw = w.shape[:2]
-  ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-  wo = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+  out_hw = ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1,
+            (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1)
   x_pad = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   out = None
-  for i in _data_taps(kh, dh, sh, ho, pt, h):
-    for j in _data_taps(kw, dw, sw, wo, pl, wd):
-      start = (0, i * dh, j * dw, 0)
-      limit = (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c)
-      term = jax.lax.slice(x_pad, start, limit, (1, sh, sw, 1)) * w[i, j, 0]
-      out = term if out is None else out + term
-  return jnp.zeros((n, ho, wo, c), x.dtype) if out is None else out
+  for i, j in _meeting_taps(x.shape, w.shape, static, out_hw):
+    term = _tap(x_pad, i, j, static, out_hw) * w[i, j, 0]
+    out = term if out is None else out + term
+  return jnp.zeros((n, *out_hw, c), x.dtype) if out is None else out
 
 
 def _taps_fwd(x, w, static):
@@ -188,20 +185,16 @@ def _strided_taps_vjp(static, x: Array, w: Array, g: Array) -> tuple[Array, Arra
   convolutions; the 32x32x15 5x5 also ran slower, 16.4 against 11.3 ms) keeps the diagonal
   kernel's.
   """
-  (sh, sw), ((pt, pb), (pl, pr)), (dh, dw), _, _ = static
-  n, h, wd, c = x.shape
-  ho, wo = g.shape[1:3]
-  taps = [(i, j) for i in _data_taps(w.shape[0], dh, sh, ho, pt, h)
-          for j in _data_taps(w.shape[1], dw, sw, wo, pl, wd)]
+  strides, ((pt, pb), (pl, pr)), dilation, _, _ = static
+  out_hw = g.shape[1:3]
+  taps = _meeting_taps(x.shape, w.shape, static, out_hw)
   if not taps:  # Every tap reads padding only: the output is zeros (see `_taps`).
     return jnp.zeros_like(x), jnp.zeros_like(w)
   x_pad = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   dw_ = jnp.zeros_like(w)
   for i, j in taps:  # dw[i, j] = sum over examples and outputs of the tap's input times g.
-    limit = (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c)
-    tap = jax.lax.slice(x_pad, (0, i * dh, j * dw, 0), limit, (1, sh, sw, 1))
-    dw_ = dw_.at[i, j, 0].set(jnp.sum(tap * g, axis=(0, 1, 2)))
-  return _taps_input_grad((sh, sw), (pt, pl), (dh, dw), x.shape, w, g, taps), dw_
+    dw_ = dw_.at[i, j, 0].set(jnp.sum(_tap(x_pad, i, j, static, out_hw) * g, axis=(0, 1, 2)))
+  return _taps_input_grad(strides, (pt, pl), dilation, x.shape, w, g, taps), dw_
 
 
 def _taps_input_grad(strides, lo, dilation, x_shape, w: Array, g: Array, taps) -> Array:
@@ -241,6 +234,21 @@ def _taps_apply(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation
           and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
           and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2)
           and feature_group_count == c and rhs.shape[2] == 1 and rhs.shape[3] == c)
+
+
+def _meeting_taps(x_shape, w_shape, static, out_hw) -> list[tuple[int, int]]:
+  """The (i, j) taps of `_taps` that meet data (the others read padding only)."""
+  (sh, sw), ((pt, _), (pl, _)), (dh, dw), _, _ = static
+  return [(i, j) for i in _data_taps(w_shape[0], dh, sh, out_hw[0], pt, x_shape[1])
+          for j in _data_taps(w_shape[1], dw, sw, out_hw[1], pl, x_shape[2])]
+
+
+def _tap(x_pad: Array, i: int, j: int, static, out_hw) -> Array:
+  """Tap (i, j) of `_taps`: the strided slice of the padded map it reads, [N, Ho, Wo, C]."""
+  (sh, sw), _, (dh, dw), _, _ = static
+  n, _, _, c = x_pad.shape
+  limit = (n, i * dh + (out_hw[0] - 1) * sh + 1, j * dw + (out_hw[1] - 1) * sw + 1, c)
+  return jax.lax.slice(x_pad, (0, i * dh, j * dw, 0), limit, (1, sh, sw, 1))
 
 
 def _data_taps(k: int, dilation: int, stride: int, out_size: int, lo: int, size: int) -> list[int]:
