@@ -182,8 +182,10 @@ def _strided_taps_vjp(static, x: Array, w: Array, g: Array) -> tuple[Array, Arra
   gradients cost most: XLA:CPU, batch 32, gradients of both operands, 5x5 stride 2, 32x32x45
   14.8 ms against 38.7 ms, 16x16x30 1.3 against 3.7 ms, 8x8x60 0.8 against 6.0 ms. They compile
   in about 0.6 s per convolution against 0.2 s, which is why stride 1 (most of DRNet's
-  convolutions; the 32x32x15 5x5 also ran slower, 16.4 against 11.3 ms) keeps the diagonal
-  kernel's.
+  convolutions) keeps the diagonal kernel's. Stride 1 on taps was faster alone on 5 of DRNet S's
+  6 shapes, but its whole train step at batch 32 took 1631 against 1516 ms and compiled in 137
+  against 81 s: the per-tap weight reductions, one pass over the map each, cost more than the
+  diagonal kernel's C x C weight gradient saved (bench/RESULTS.md).
   """
   strides, ((pt, pb), (pl, pr)), dilation, _, _ = static
   out_hw = g.shape[1:3]
