@@ -80,7 +80,9 @@ def threshold_select(weights: Array, threshold: float | Array) -> tuple[Array, A
   Args:
     weights: [..., K] non-negative weights summing to 1 over the last axis.
     threshold: T in (0, 1] (a Python number is validated; a traced one is not). Sums are compared
-      with a relative slack of 1e-6, so float rounding never makes T = 1 keep a zero-mass branch.
+      with a relative slack of 1e-6, and a branch of weight 0 is never kept (unless every weight
+      of its row is 0: then the first), so float rounding, of low-precision weights too, never
+      makes T = 1 keep a zero-mass branch.
 
   Returns:
     mask: [..., K] bool, True for kept branches (at least one per row).
@@ -95,7 +97,9 @@ def threshold_select(weights: Array, threshold: float | Array) -> tuple[Array, A
   # Keep rank r while the mass strictly before it is below T: the first rank whose cumulative sum
   # reaches T is the last one kept.
   slack = 1e-6 * jnp.maximum(cum[..., -1:], 1e-30)
-  keep_sorted = before < (threshold - slack)
+  # A zero weight adds no mass: in bfloat16 seven weights of 1/7 sum to 0.998, below T = 1 by
+  # more than any fixed slack, and would keep an eighth branch of weight 0.
+  keep_sorted = (before < (threshold - slack)) & (sorted_w > 0)
   keep_sorted = keep_sorted.at[..., 0].set(True)
   inverse = jnp.argsort(order, axis=-1)
   mask = jnp.take_along_axis(keep_sorted, inverse, axis=-1)

@@ -160,6 +160,31 @@ def test_pytree_input_and_output(strategy):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ALL)
+def test_outputs_take_the_fallbacks_dtype_when_fn_returns_another(strategy):
+  # Regression: a bfloat16 fn with a float32 fallback (or x) ran under 'dense' but raised in
+  # every skipping strategy ("cond branches must have equal output types").
+  b = 5
+  x = 0.1 * jnp.arange(b * 2, dtype=jnp.float32).reshape(b, 2) + 0.013
+  run = np.array([1, 0, 1, 0, 0], bool)
+
+  def fn(t):
+    return (2.0 * t + 1.0).astype(jnp.bfloat16)
+
+  ran = np.asarray(fn(x).astype(jnp.float32))
+  for fallback in (-x, None):
+    y = jax.jit(lambda x, r, f: dispatch.select_apply(fn, x, r, f, strategy=strategy))(
+        x, run, fallback)
+    skipped = np.asarray(x if fallback is None else fallback)
+    assert y.dtype == jnp.float32
+    # The skipped rows are the fallback's float32 values exactly, not rounded through bfloat16.
+    np.testing.assert_array_equal(y, np.where(run[:, None], ran, skipped))
+  for b1 in range(2):  # batch 1, selected and not: the single-example cond
+    y = jax.jit(lambda x, r: dispatch.select_apply(fn, x, r, None, strategy=strategy))(
+        x[b1:b1 + 1], run[b1:b1 + 1])
+    np.testing.assert_array_equal(y, np.where(run[b1:b1 + 1, None], ran[b1:b1 + 1], x[b1:b1 + 1]))
+
+
 def test_validation():
   x, run = _x(4), jnp.ones(4, bool)
   with pytest.raises(ValueError, match="allowed: auto, dense, batch_cond, per_example, compact, chunk"):

@@ -117,6 +117,17 @@ class ThresholdSelectTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(mask[0]), [True, True, True, False, False])
     chex.assert_trees_all_close(rescaled[0], jnp.array([1 / 3, 1 / 3, 1 / 3, 0, 0]), atol=1e-6)
 
+  @parameterized.parameters(jnp.float32, jnp.bfloat16, jnp.float16)
+  def test_zero_weights_are_never_kept(self, dtype):
+    # Regression: bfloat16 / float16 weights of 1/7 sum to less than 1 - 1e-6, so T = 1 kept the
+    # eighth, zero-weight branch.
+    w = jnp.asarray([[1 / 7] * 7 + [0.0], [0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype)
+    mask, rescaled = routing.threshold_select(w, 1.0)
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(w) > 0)
+    self.assertEqual(rescaled.dtype, dtype)
+    mask, _ = routing.threshold_select(jnp.zeros((1, 4), dtype), 1.0)  # all zero: the first
+    np.testing.assert_array_equal(np.asarray(mask[0]), [True, False, False, False])
+
   def test_one_hot_keeps_one(self):
     w = jnp.array([[0.0, 0.0, 1.0, 0.0, 0.0]])
     mask, _ = routing.threshold_select(w, 1.0)

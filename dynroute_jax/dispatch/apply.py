@@ -47,7 +47,8 @@ def select_apply(fn: Callable[[PyTree], PyTree], x_B: PyTree, run_B: Array,
       names raise TypeError.
 
   Returns:
-    [B, ...out], fallback's structure.
+    [B, ...out], fallback's structure and dtypes (x's for the identity): every strategy casts fn's
+    rows to them, so that all of them, and the skipped rows, agree on one dtype.
   """
   b = rows.batch_size(x_B)
   chosen = factory.resolve(strategy, b, platform, **opts)
@@ -73,8 +74,11 @@ def _identity_call(fn: Callable[[PyTree], PyTree], x_B: PyTree, run_B: Array) ->
       out_c = fn(rows.gather_rows(carry, idx_c))
       return rows.scatter_rows(carry, jnp.where(valid_c, idx_c, run.shape[0]), out_c, "set")
 
-    yield Site(mask_B=run, masked=lambda carry: rows.where_rows(run, fn(carry), carry),
-               some_rows=some_rows, every_row=fn)
+    # Cast to the carry's dtypes: a `lax.cond` needs the same types from the branch that runs fn
+    # and the one that leaves the carry alone.
+    yield Site(mask_B=run,
+               masked=lambda carry: rows.where_rows(run, rows.cast_like(fn(carry), carry), carry),
+               some_rows=some_rows, every_row=lambda carry: rows.cast_like(fn(carry), carry))
 
   return RoutedCall(data_B=(x_B, run_B), init=lambda data: data[0], make_sites=make_sites)
 
@@ -90,8 +94,9 @@ def _fallback_call(fn: Callable[[PyTree], PyTree], x_B: PyTree, run_B: Array,
       out_c = fn(rows.gather_rows(x, idx_c))
       return rows.scatter_rows(carry, jnp.where(valid_c, idx_c, run.shape[0]), out_c, "set")
 
-    yield Site(mask_B=run, masked=lambda carry: rows.where_rows(run, fn(x), carry),
-               some_rows=some_rows, every_row=lambda carry: fn(x))
+    yield Site(mask_B=run,
+               masked=lambda carry: rows.where_rows(run, rows.cast_like(fn(x), carry), carry),
+               some_rows=some_rows, every_row=lambda carry: rows.cast_like(fn(x), carry))
 
   return RoutedCall(data_B=(x_B, run_B, fallback_B), init=lambda data: data[2],
                     make_sites=make_sites)

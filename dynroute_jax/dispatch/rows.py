@@ -56,6 +56,11 @@ def where_rows(mask_B: Array, a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda u, v: jnp.where(_broadcast_rows(mask_B, u), u, v.astype(u.dtype)), a, b)
 
 
+def cast_like(tree: PyTree, like: PyTree) -> PyTree:
+  """`tree` with each leaf cast to the dtype of the matching leaf of `like`."""
+  return jax.tree.map(lambda a, l: a.astype(l.dtype), tree, like)
+
+
 def gather_rows(tree: PyTree, idx_c: Array) -> PyTree:
   """Rows idx_c of every leaf; idx_c must lie in [0, B) (indices outside are clamped).
 
