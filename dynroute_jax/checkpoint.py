@@ -129,11 +129,13 @@ class Checkpointer:
     fingerprint: `manifest.model_fingerprint` of the model, checked against the directory's
       checkpoints here and recorded with every save.
     save_interval_steps: `save(step)` writes only multiples of it, unless `force=True`.
+    read_only: a reader of a directory another process may be saving into (evaluation): it
+      leaves the temporary directories of saves in progress alone and refuses to save.
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep: Optional[int] = 3,
                async_save: bool = True, fingerprint: Optional[str] = None,
-               save_interval_steps: int = 1):
+               save_interval_steps: int = 1, read_only: bool = False):
     if keep is not None and keep < 1:
       raise ValueError(f"keep must be >= 1 or None, got {keep}")
     if save_interval_steps < 1:
@@ -143,6 +145,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory) if manifest.is_local(directory) else directory
     self.keep, self.async_save, self.fingerprint = keep, async_save, fingerprint
     self.save_interval_steps = save_interval_steps
+    self.read_only = read_only
     self._verifier = manifest.Verifier(self.directory)
     self._manager: Optional[ocp.CheckpointManager] = None
     self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -168,9 +171,10 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           create=create,
           enable_async_checkpointing=self.async_save,
-          # Removes temporary directories of interrupted saves, only for the first manager:
-          # after a failed save in this process its background writers may still be running.
-          cleanup_tmp_directories=not self._had_failure,
+          # Removes temporary directories of interrupted saves, only for the first manager of a
+          # writer: after a failed save in this process its background writers may still be
+          # running, and a reader's may be a live save of the training it evaluates.
+          cleanup_tmp_directories=not (self._had_failure or self.read_only),
       )  # No max_to_keep: orbax keeps every step, retention is `_apply_retention`.
       handlers = {k: ocp.StandardCheckpointHandler() for k in ITEMS}
       handlers[META_ITEM] = ocp.JsonCheckpointHandler()
@@ -255,6 +259,9 @@ class Checkpointer:
     """
     if self._closed:
       raise CheckpointError(f"Checkpointer for {self.directory} is closed")
+    if self.read_only:
+      raise CheckpointError(f"Checkpointer for {self.directory} is read-only (an evaluation's); "
+                            "make one with read_only=False to save")
     step = int(step)
     if not force and step % self.save_interval_steps != 0:
       return False
@@ -500,7 +507,7 @@ def restore_for_eval(workdir: str | os.PathLike, step: Optional[int] = None, *,
   when given (e.g. a replicated `NamedSharding`), whatever the device count of the run that saved
   them.
   """
-  ckpt = Checkpointer(workdir, async_save=False)
+  ckpt = Checkpointer(workdir, async_save=False, read_only=True)
   try:
     restored, meta = ckpt.restore(step, items=("params", "batch_stats"), sharding=sharding)
   finally:

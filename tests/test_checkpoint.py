@@ -244,6 +244,28 @@ def test_missing_step_lists_available(two_steps):
     C.restore_for_eval(two_steps, step=7)
 
 
+def test_evaluation_leaves_a_save_in_progress_alone(two_steps):
+  # Regression: restore_for_eval (`evaluate`, `dynroute_jax.restore`) opened orbax's manager with
+  # the clean-up of temporary directories on, so evaluating a running training deleted the step
+  # it was writing, and that save then failed.
+  in_progress = os.path.join(two_steps, "3.orbax-checkpoint-tmp-1765000000000000")
+  os.makedirs(os.path.join(in_progress, "params"))
+  with open(os.path.join(in_progress, "params", "part"), "w") as f:
+    f.write("being written")
+  restored = C.restore_for_eval(two_steps)
+  assert restored.meta["step"] == 2
+  assert os.path.exists(os.path.join(in_progress, "params", "part"))
+  reader = C.Checkpointer(two_steps, read_only=True)
+  with pytest.raises(C.CheckpointError, match="read-only"):
+    save_state(reader, 4)
+  reader.close()
+  # A writer opening the directory (a resumed training) still removes what an interrupted save
+  # left behind.
+  with C.Checkpointer(two_steps, keep=5, async_save=False, fingerprint=FP) as writer:
+    assert writer.latest_good_step() == 2
+  assert not os.path.exists(in_progress)
+
+
 def test_missing_or_empty_workdir(tmp_path):
   missing = str(tmp_path / "nope")
   with pytest.raises(C.CheckpointNotFoundError, match="does not exist"):
