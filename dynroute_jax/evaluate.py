@@ -82,8 +82,12 @@ def _eval_mesh():
 
 
 def _check_arguments(step: int | None, strategy: str | None, target_macs: Any,
-                     noise_stds: Sequence[float]) -> float | None:
+                     noise_stds: Sequence[float], tsne_max_points: int = 2000) -> float | None:
   """Raises a ValueError for a bad argument; returns target_macs as a float (or None)."""
+  if isinstance(tsne_max_points, bool) or not isinstance(tsne_max_points, (int, np.integer)) \
+      or tsne_max_points < 1:
+    raise ValueError(f"--tsne_max_points must be an int >= 1 (test examples in the t-SNE plot); "
+                     f"got {tsne_max_points!r}.")
   if target_macs is not None:
     target_macs = evaluation.check_target_macs(target_macs)
   if strategy is not None and strategy not in STRATEGIES:
@@ -168,7 +172,7 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
   """
   # Every argument is checked before anything is loaded or compiled.
   ts = parse_thresholds(thresholds)
-  target_macs = _check_arguments(step, strategy, target_macs, noise_stds)
+  target_macs = _check_arguments(step, strategy, target_macs, noise_stds, tsne_max_points)
   meshes = []
 
   def replicated():  # Made once the work directory is known to hold checkpoints.

@@ -42,6 +42,10 @@ def plan_stages(config: ml_collections.ConfigDict, num_train_examples: int) -> l
     n = int(cfg.steps) if cfg.steps > 0 else int(round(cfg.epochs * spe))
     stages.append(Stage(index=i, start=start, num_steps=n, steps_per_epoch=spe, cfg=cfg))
     start += n
+  if start == 0:
+    names = " and ".join(f"config.train.stage{s.index}" for s in stages)
+    raise ValueError(f"{names} train 0 steps: their steps are 0 and epochs x {spe} steps per "
+                     f"epoch rounds to 0; set config.train.stage1.steps (or .epochs) above 0.")
   return stages
 
 

@@ -355,6 +355,16 @@ def c_eval_threshold_out_of_range(tmp_path, mp):
   return f"{type(e.value).__name__}: {e.value}"
 
 
+def c_eval_tsne_max_points_zero(tmp_path, mp):
+  from dynroute_jax import evaluate  # pylint: disable=g-import-not-at-top
+  workdir = _eval_workdir(tmp_path)
+  before = snapshot(workdir)
+  with pytest.raises(ValueError) as e:
+    evaluate.evaluate_workdir(str(workdir), tsne_max_points=0)
+  assert snapshot(workdir) == before  # Refused before any plot or report was written.
+  return f"{type(e.value).__name__}: {e.value}"
+
+
 def _predictor_case(name, threshold=0.8, noise_std=0.0, indices=None, noise=False):
   """A bad argument to the evaluation predictor: refused before anything is traced or compiled."""
   def fn(tmp_path, mp):
@@ -396,6 +406,9 @@ c_keep_zero = _config_case("keep_zero", {"checkpoint.keep": 0})
 c_seed_negative = _config_case("seed_negative", {"seed": -1})
 c_calibration_fraction_one = _config_case("calibration_fraction_one", {"data.calibration_fraction": 1.0})
 c_tiny_temperature = _config_case("tiny_temperature", {"train.stage1.tau_init": 1e-30, "train.stage1.tau_floor": 1e-30})
+c_no_training_steps = _config_case("no_training_steps", {
+    "train.stage1.steps": 0, "train.stage1.epochs": 0.0, "train.stage2.steps": 0,
+    "train.stage2.epochs": 0.0})
 
 
 def c_no_verifying_checkpoint(tmp_path, mp):
@@ -519,6 +532,12 @@ CASES = [
     Case("tiny temperature", "`--config.train.stage1.tau_init=1e-30 "
          "--config.train.stage1.tau_floor=1e-30`", c_tiny_temperature,
          r"config\.train\.stage1\.tau_init must be a number >= 0\.001 .*; got 1e-30\."),
+    Case("t-SNE of no points", "`evaluate --tsne_max_points=0`", c_eval_tsne_max_points_zero,
+         r"--tsne_max_points must be an int >= 1 .*; got 0\."),
+    Case("no training step", "`--config.train.stage1.steps=0 --config.train.stage1.epochs=0` "
+         "and the same for stage 2", c_no_training_steps,
+         r"config\.train\.stage1 and config\.train\.stage2 train 0 steps: .*set "
+         r"config\.train\.stage1\.steps \(or \.epochs\) above 0"),
     Case("no checkpoint verifies at resume", "the only checkpoint (step 2) with a flipped byte",
          c_no_verifying_checkpoint,
          r"NoGoodCheckpointError: Cannot resume: no checkpoint in .* verifies \(step 2: checksum "
