@@ -21,7 +21,7 @@ import difflib
 import importlib.util
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -470,6 +470,26 @@ def _lookup(config: Any, path: str) -> tuple[bool, Any]:
       return False, None
     node = node[part]
   return True, node
+
+
+def set_to_none(config: ml_collections.ConfigDict, paths: Sequence[str]) -> None:
+  """Sets each field 'a.b' of `paths` to None (the command line's `--config.a.b=None`).
+
+  Raises:
+    ValueError: a path that names no field of the config. Whether None is allowed is `validate`'s
+      business, as for any value.
+  """
+  for path in paths:
+    present, value = _lookup(config, path)
+    if not present:
+      raise ValueError(f"--config.{path}=None: config.{path} is not a field of this config.")
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      raise ValueError(f"--config.{path}=None: config.{path} is a section; set its fields.")
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = None
 
 
 def check_schema(config: ml_collections.ConfigDict) -> None:

@@ -3,6 +3,8 @@
   python -m dynroute_jax.main --config=configs/drnet_cifar10.py:S --workdir=runs/drnet_s
 
 Running the same command again with the same workdir resumes from the newest intact checkpoint.
+Config fields are overridden as `--config.train.stage1.steps=100`; `--config.<field>=None` sets a
+field that allows None (`--config.checkpoint.keep=None` keeps every checkpoint).
 Config files are Python and run as code: only use config files you trust.
 
 Exit status: 0 when training and evaluation finished, and also after SIGTERM/SIGINT once the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import app
@@ -32,6 +35,24 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digit
                                 "configs/drnet_cifar10.py:S.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the evaluation report.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# `--config.a.b=None`: absl parses a config override by the field's type, so it cannot give an int
+# field None (`checkpoint.keep=None` keeps every checkpoint). Such overrides are taken out of argv
+# before parsing and applied to the parsed config; validation then checks them as any value.
+_NONE_OVERRIDE = re.compile(r"--config\.([A-Za-z_][\w.]*)=None")
+_NONE_PATHS: list[str] = []
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, after taking the `--config.<path>=None` overrides out of argv."""
+  kept = argv[:1]
+  for arg in argv[1:]:
+    m = _NONE_OVERRIDE.fullmatch(arg)
+    if m:
+      _NONE_PATHS.append(m.group(1))
+    else:
+      kept.append(arg)
+  return app.parse_flags_with_usage(kept)
 
 
 def main(argv):
@@ -46,7 +67,9 @@ def main(argv):
   distributed.maybe_initialize(FLAGS.config.distributed)
   from dynroute_jax import checkpoint as ckpt_lib
   from dynroute_jax import train
+  from dynroute_jax import config_lib
   try:
+    config_lib.set_to_none(FLAGS.config, _NONE_PATHS)
     report = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (train.NonFiniteError, ckpt_lib.CheckpointSaveError) as e:
     _fail(e, 1)
@@ -70,4 +93,4 @@ def _fail(error: BaseException, status: int) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -180,6 +180,11 @@ def c_batch_not_divisible(tmp_path, mp):
                      {"XLA_FLAGS": xla_flags(4)})
 
 
+def c_none_for_an_int_field(tmp_path, mp):
+  return cli_message(["--config=configs/digits.py", "--config.train.global_batch_size=None",
+                      f"--workdir={tmp_path / 'w'}"])
+
+
 def c_batch_exceeds_dataset(tmp_path, mp):
   return train_message(digits_config({"train.global_batch_size": 4096}), tmp_path / "w", mp,
                        ValueError)
@@ -462,6 +467,9 @@ CASES = [
          c_tau_floor_above_init, r"tau_floor \(2\.0\) must not exceed tau_init \(1\.0\)"),
     Case("batch not divisible by the devices", "4 devices, `--config.train.global_batch_size=30`",
          c_batch_not_divisible, r"global_batch_size=30 is not divisible by the device count 4"),
+    Case("None for a field that takes none", "`--config.train.global_batch_size=None`",
+         c_none_for_an_int_field,
+         r"config\.train\.global_batch_size must be a positive int; got None\."),
     Case("batch larger than the dataset", "`--config.train.global_batch_size=4096` on digits",
          c_batch_exceeds_dataset, r"global_batch_size \(4096\) exceeds the \d+ training examples"),
     Case("mesh larger than the machine", "`--config.mesh.data=64` on 1 device", c_mesh_too_big,
@@ -566,6 +574,24 @@ def test_bad_input(case, tmp_path, monkeypatch):
   import re  # pylint: disable=g-import-not-at-top
   message = case.fn(tmp_path, monkeypatch)
   assert re.search(case.pattern, message), message
+
+
+def test_none_from_the_command_line(tmp_path):
+  # Regression: absl parses `--config.checkpoint.keep=None` as an int and refused it, so the value
+  # the keep message names ("None keeps every checkpoint") could not be given on the command line.
+  # Here both None overrides pass, and the run stops at the next check, the batch size.
+  message = cli_message(["--config=configs/digits.py", "--config.checkpoint.keep=None",
+                         "--config.eval.dispatch.chunk=None",
+                         "--config.train.global_batch_size=4096", f"--workdir={tmp_path / 'w'}"])
+  assert "global_batch_size (4096) exceeds" in message, message
+  config = digits_config()
+  config_lib.set_to_none(config, ["checkpoint.keep", "eval.dispatch.chunk"])
+  assert config.checkpoint.keep is None and config.eval.dispatch.chunk is None
+  config_lib.validate(config)
+  with pytest.raises(ValueError, match=r"config\.eval\.dispatch is a section"):
+    config_lib.set_to_none(config, ["eval.dispatch"])
+  with pytest.raises(ValueError, match=r"config\.checkpoint\.kep is not a field"):
+    config_lib.set_to_none(config, ["checkpoint.kep"])
 
 
 def test_all_configs_validate():
