@@ -180,6 +180,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, cleanup: contextli
                                async_save=config.checkpoint.async_save,
                                fingerprint=model_fingerprint(config))
   restored_step = workdir_lib.resume_step(ckpt, config)
+  if restored_step is not None:
+    workdir_lib.check_resume_stage(ckpt, restored_step, stages)
   workdir_lib.save_config(config, workdir)
   writer = hooks.metric_writer(workdir)
   cleanup.callback(writer.close)

@@ -8,9 +8,10 @@ gs://, ...), through the same calls.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 import uuid
 
 from absl import logging
@@ -84,14 +85,69 @@ def check_config_json(config: ml_collections.ConfigDict, workdir: str | os.PathL
   return new
 
 
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """The dotted paths whose values differ between two JSON configs."""
+  if not (isinstance(old, dict) and isinstance(new, dict)):
+    return [prefix] if old != new else []
+  return [p for k in sorted(set(old) | set(new))
+          for p in _changed_fields(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)]
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> None:
-  """Writes the resolved config; a workdir holding another model's config is refused untouched."""
+  """Writes the resolved config; a workdir holding another model's config is refused untouched.
+
+  An earlier config.json that differs (a resume with changed settings) is kept beside it as
+  config.<UTC time>.json, and the changed fields are logged: the record of how the steps before
+  the resume were trained is never lost.
+  """
   path = epath.Path(workdir) / "config.json"
   new = check_config_json(config, workdir)
   if jax.process_index() == 0:
+    _keep_earlier_config(path, new)
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
     tmp.replace(path)  # Atomic on local filesystems; a copy and delete on object stores.
+
+
+def _keep_earlier_config(path: epath.Path, new: dict[str, Any]) -> None:
+  """Copies `path` to config.<UTC time>.json when it differs from `new`, with a warning."""
+  if not path.exists():
+    return
+  text = path.read_text()
+  try:
+    changed = _changed_fields(json.loads(text), new)
+  except json.JSONDecodeError:
+    changed = ["(config.json is not JSON)"]
+  if not changed:
+    return
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+  kept, n = path.parent / f"config.{stamp}.json", 1
+  while kept.exists():  # Two resumes within a second: keep both.
+    kept, n = path.parent / f"config.{stamp}-{n}.json", n + 1
+  kept.write_text(text)
+  logging.warning("This run's config differs from %s in %s; the earlier one is kept as %s.", path,
+                  ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8
+                                            else ""), kept.name)
+
+
+def check_resume_stage(ckpt: ckpt_lib.Checkpointer, step: int, stages: Sequence[Any]) -> None:
+  """Refuses a resume whose config puts checkpoint `step` in another stage than it was saved in.
+
+  Changed stage lengths would otherwise train a stage again on the weights of a later one (or
+  evaluate a run cut short) and report it as the run. Lengthening the checkpoint's own stage, the
+  last one included, is allowed.
+  """
+  saved = int(ckpt.read_meta(step)["stage"])
+  planned = next((s.index for s in stages if s.start < step <= s.end), None)
+  if planned == saved:
+    return
+  where = (f"stage {planned}" if planned is not None
+           else f"no stage (this config ends training at step {stages[-1].end})")
+  raise ValueError(
+      f"Cannot resume from checkpoint step {step}: it was saved in stage {saved}, but this "
+      f"config's stage lengths (config.train.stage*.steps / epochs) put step {step} in {where}. "
+      "Resume with the stage lengths of the run's config.json, or use a new --workdir; nothing "
+      "was changed.")
 
 
 def resume_step(ckpt: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict) -> int | None:

@@ -411,6 +411,8 @@ c_keep_zero = _config_case("keep_zero", {"checkpoint.keep": 0})
 c_seed_negative = _config_case("seed_negative", {"seed": -1})
 c_calibration_fraction_one = _config_case("calibration_fraction_one", {"data.calibration_fraction": 1.0})
 c_tiny_temperature = _config_case("tiny_temperature", {"train.stage1.tau_init": 1e-30, "train.stage1.tau_floor": 1e-30})
+c_stage_moved_under_checkpoint = _config_case("stage_moved_under_checkpoint",
+                                              {"train.stage1.steps": 1})
 c_no_training_steps = _config_case("no_training_steps", {
     "train.stage1.steps": 0, "train.stage1.epochs": 0.0, "train.stage2.steps": 0,
     "train.stage2.epochs": 0.0})
@@ -542,6 +544,10 @@ CASES = [
          r"config\.train\.stage1\.tau_init must be a number >= 0\.001 .*; got 1e-30\."),
     Case("t-SNE of no points", "`evaluate --tsne_max_points=0`", c_eval_tsne_max_points_zero,
          r"--tsne_max_points must be an int >= 1 .*; got 0\."),
+    Case("stage lengths changed under a checkpoint", "resuming the earlier run (checkpoint "
+         "step 2, stage 1) with `--config.train.stage1.steps=1`", c_stage_moved_under_checkpoint,
+         r"Cannot resume from checkpoint step 2: it was saved in stage 1, but this config's stage "
+         r"lengths .* put step 2 in stage 2\."),
     Case("no training step", "`--config.train.stage1.steps=0 --config.train.stage1.epochs=0` "
          "and the same for stage 2", c_no_training_steps,
          r"config\.train\.stage1 and config\.train\.stage2 train 0 steps: .*set "
