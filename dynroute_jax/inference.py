@@ -49,7 +49,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not workdir:
     raise EvaluationSetupError("--workdir is empty: pass the run directory training wrote.")
   if not epath.Path(workdir).is_dir():
-    raise EvaluationSetupError(f"Work directory {workdir} does not exist.")
+    what = "is a file, not a directory" if epath.Path(workdir).exists() else "does not exist"
+    raise EvaluationSetupError(f"Work directory {workdir} {what}: pass the run directory "
+                               "training wrote.")
   path = epath.Path(workdir) / "config.json"
   if not path.is_file():
     raise EvaluationSetupError(

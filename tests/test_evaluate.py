@@ -241,6 +241,9 @@ def test_restore_does_not_need_optimizer_state(run):
 def test_missing_or_empty_workdir(tmp_path):
   with pytest.raises(ValueError, match="does not exist"):
     evaluate.evaluate_workdir(str(tmp_path / "nope"))
+  (tmp_path / "a_file").write_text("")  # Said "does not exist" before.
+  with pytest.raises(ValueError, match="a_file is a file, not a directory"):
+    evaluate.evaluate_workdir(str(tmp_path / "a_file"))
   with pytest.raises(ValueError, match="config.json not found"):
     evaluate.evaluate_workdir(str(tmp_path))
   with pytest.raises(ValueError, match="empty"):
