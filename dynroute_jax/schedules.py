@@ -62,6 +62,11 @@ def training_splits(config: ml_collections.ConfigDict):
                                           int(config.seed))
 
 
+def last_trained_stage(stages: list[Stage]) -> Stage:
+  """The stage the final step belongs to: the last with steps (a later one of 0 steps trains none)."""
+  return next((s for s in reversed(stages) if s.num_steps > 0), stages[-1])
+
+
 def final_tau(stage: Stage, step: int) -> float:
   """The router temperature of the last step that ran before `step` (what evaluation uses)."""
   return float(tau_schedule(stage)(max(min(step, stage.end) - 1, stage.start)))

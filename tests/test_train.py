@@ -23,6 +23,7 @@ import pytest
 from dynroute_jax import checkpoint as ckpt_lib
 from dynroute_jax import config_lib
 from dynroute_jax import distributed
+from dynroute_jax import evaluate
 from dynroute_jax import evaluation
 from dynroute_jax import hooks
 from dynroute_jax import input_pipeline
@@ -421,6 +422,27 @@ def test_a_stage_is_saved_before_its_last_step_is_evaluated(tiny_config, tmp_pat
            if line.startswith(("checkpoint", "eval "))]
   assert len(lines) == 2 and lines[0].startswith("checkpoint step 2"), lines
   assert lines[1] == "eval     step 2", lines
+
+
+def test_the_final_report_takes_the_temperature_of_the_last_stage_that_trained(
+    tiny_config, tmp_path, monkeypatch):
+  # Regression: with a stage 2 of 0 steps the report took stage 2's starting temperature while
+  # the run ended in stage 1, and `evaluate` (the checkpoint's stage) disagreed with it.
+  config = tiny_config("codinet", "digits", stage1_steps=2, stage2_steps=0)
+  config.train.stage2.epochs = 0.0
+  config.train.stage1.tau_init = config.train.stage1.tau_floor = 2.0
+  taus = []
+
+  def report(config, model, variables, test_ds, mesh, workdir, **kw):
+    taus.append(kw["tau"])
+    return {"step": kw["step"]}
+
+  monkeypatch.setattr(evaluation, "evaluate_and_report", report)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  meta = ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).read_meta(2)
+  n = len(train.training_splits(config)[0])
+  assert taus == [pytest.approx(2.0)]
+  assert evaluate.eval_temperature(config, 2, meta["stage"], n)[0] == pytest.approx(taus[0])
 
 
 def _resume_config(tiny_config):
