@@ -303,6 +303,9 @@ def _train_stage(run: _Run, stage: Stage, state: TrainState, compiled: Any, star
       at_end = done == stage.end
       if at_end or done % config.checkpoint.every_steps == 0:
         monitor.flush()  # A non-finite step stops training before a checkpoint can include it.
+        # The metrics up to the checkpoint go to disk with it: after a crash the resumed run
+        # starts after them, so metrics still in the file buffer would be lost for good.
+        run.writer.flush()
         # The stage's end is always saved, and before its evaluation: an evaluation that fails
         # never costs the stage's last steps.
         _save(ckpt, done, state, stage, config, force=at_end)

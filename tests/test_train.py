@@ -445,6 +445,46 @@ def test_the_final_report_takes_the_temperature_of_the_last_stage_that_trained(
   assert evaluate.eval_temperature(config, 2, meta["stage"], n)[0] == pytest.approx(taus[0])
 
 
+def _steps_on_disk(workdir) -> set[int]:
+  """The steps of the train metrics in the TensorBoard files, as far as they reached the disk."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  steps = set()
+  for path in pathlib.Path(workdir).glob("events.out.tfevents.*"):
+    data, pos = path.read_bytes(), 0
+    while pos + 12 <= len(data):  # TFRecords: length (8 bytes), its CRC, payload, payload CRC.
+      n = int.from_bytes(data[pos:pos + 8], "little")
+      if pos + 16 + n > len(data):
+        break
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      if any(v.tag == "steps_per_sec" for v in event.summary.value):  # a progress record
+        steps.add(event.step)
+      pos += 16 + n
+  return steps
+
+
+def test_metrics_reach_the_disk_before_each_checkpoint(tiny_config, tmp_path, monkeypatch,
+                                                       no_eval):
+  # Regression: the summary file was flushed only at the end or on a stop signal. A crash after a
+  # checkpoint lost the metrics still in its buffer, and the resumed run started after them.
+  config = tiny_config("codinet", "digits", stage1_steps=6, stage2_steps=0)
+  config.train.stage2.epochs = 0.0
+  config.checkpoint.every_steps = 2
+  config.log_every_steps = 1
+  workdir = tmp_path / "run"
+  on_disk, real_save = {}, train._save
+
+  def save(ckpt, step, *args, **kwargs):
+    on_disk[step] = _steps_on_disk(workdir)
+    return real_save(ckpt, step, *args, **kwargs)
+
+  monkeypatch.setattr(train, "_save", save)
+  train.train_and_evaluate(config, str(workdir))
+  written = _steps_on_disk(workdir)
+  assert sorted(on_disk) == [2, 4, 6] and written
+  for step, steps in on_disk.items():
+    assert steps == {s for s in written if s <= step}, (step, sorted(steps), sorted(written))
+
+
 def _resume_config(tiny_config):
   config = tiny_config("codinet", "digits", stage1_steps=3, stage2_steps=2)
   config.train.stage1.drop_path_rate = 0.2  # Exercise every random stream.
