@@ -279,16 +279,24 @@ def _apply_if_finite(state: TrainState, tx: optax.GradientTransformation, grads:
   """(next state, finite, grad_norm): the update applied only if loss and gradients are finite.
 
   A non-finite step never reaches the state: the host either stops with a clear message or, with
-  train.skip_nonfinite_steps, carries on from the unchanged parameters.
+  train.skip_nonfinite_steps, carries on from the unchanged parameters, statistics and momenta.
+  The optimizer's step counts still advance, so that the learning rate, like the temperature and
+  drop-path, stays the schedule's value at the step (and the logged 'lr' the one applied).
   """
   updates, new_opt = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  def keep_opt(path, n, o):
+    is_count = isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "count"
+    return n if is_count else jnp.where(finite, n, o)
+
+  opt_state = jax.tree_util.tree_map_with_path(keep_opt, new_opt, state.opt_state)
   return TrainState(step=state.step + 1, params=keep(new_params, state.params),
                     batch_stats=keep(batch_stats, state.batch_stats),
-                    opt_state=keep(new_opt, state.opt_state)), finite, grad_norm
+                    opt_state=opt_state), finite, grad_norm
 
 
 def compile_step(step_fn: StepFn, abstract: TrainState, shardings: TrainState,

@@ -18,6 +18,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dynroute_jax import checkpoint as ckpt_lib
@@ -348,6 +349,30 @@ def test_step_hooks_run_one_step_late_in_order():
   monitor.flush()
   monitor.flush()
   assert seen == [("a", 0, False), ("b", 0, False), ("a", 1, True), ("b", 1, True)]
+
+
+def test_a_skipped_step_keeps_the_state_but_advances_the_schedule():
+  # Regression: a skipped non-finite step froze the optimizer's count, so the learning rate lagged
+  # the step (the logged 'lr', from the step, was not the one applied) and never reached its end.
+  from dynroute_jax import train_step  # pylint: disable=g-import-not-at-top
+  schedule = optax.cosine_decay_schedule(0.1, 6)
+  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(schedule, momentum=0.9))
+  params = {"w": jnp.ones(3)}
+  state = train.TrainState(step=jnp.asarray(0), params=params, batch_stats={},
+                           opt_state=tx.init(params))
+  grads = {"w": jnp.full(3, 0.5)}
+  state, finite, _ = train_step._apply_if_finite(state, tx, grads, jnp.float32(1.0), {})
+  assert bool(finite)
+  moved, trace = state.params["w"], state.opt_state[1][0].trace["w"]
+  state, finite, _ = train_step._apply_if_finite(state, tx, grads, jnp.float32(jnp.nan), {})
+  assert not bool(finite) and int(state.step) == 2
+  np.testing.assert_array_equal(state.params["w"], moved)
+  np.testing.assert_array_equal(state.opt_state[1][0].trace["w"], trace)
+  assert int(state.opt_state[1][1].count) == 2  # the schedule is at the step's value
+  updates, _ = tx.update(grads, state.opt_state, state.params)
+  # Momentum 0.9: the update is -lr * (0.9 * trace + grad + decay), with lr = schedule(2).
+  want = -schedule(2) * (0.9 * trace + grads["w"] + 1e-4 * moved)
+  np.testing.assert_allclose(updates["w"], want, rtol=1e-6)
 
 
 def test_check_finite_raises_or_skips(caplog):
