@@ -19,8 +19,9 @@ Launchers:
   tpu    runs the variants one after another on the TPU slice $TPU in $ZONE (launch/tpu_pod.sh);
          a slice runs one job at a time. For many small CIFAR runs, several small slices
          (one per variant) use a pod better than one big slice: see launch/README.md.
-Paths are relative to the current directory (the tpu launcher: to the repository root, where
-each worker runs). Rerunning the same sweep resumes every unfinished run from its checkpoints.
+Paths are relative to the current directory; the tpu launcher needs an absolute --root or a
+bucket URL (each launch replaces the code directory the workers run in, where a relative one
+would be). Rerunning the same sweep resumes every unfinished run from its checkpoints.
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
   sbatch_args = shlex.split(args.sbatch_args)
   if args.launcher == "tpu" and not args.dry and not (os.environ.get("TPU") and os.environ.get("ZONE")):
     parser.error("the tpu launcher needs TPU and ZONE in the environment")
+  if args.launcher == "tpu" and not (os.path.isabs(args.root) or "://" in args.root):
+    parser.error(f"the tpu launcher needs an absolute --root every worker sees, or a bucket URL "
+                 f"(gs://...); got {args.root!r}, which would lie in the code directory each "
+                 "launch replaces")
   commands = [command_for(args.launcher, spec, workdir_for(args.root, spec), extra, sbatch_args)
               for spec in runs]
   failed = []

@@ -8,7 +8,7 @@
 # under nohup and return at once (log in ~/dynroute_train.log on each worker), SKIP_INSTALL=1 to
 # reuse the environment installed by a previous call.
 # CONFIG is relative to the repository root (workers run there); WORKDIR must be storage every
-# worker sees (see launch/README.md).
+# worker sees, given as an absolute path or a bucket URL (see launch/README.md).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   echo "usage: TPU=... ZONE=... $0 CONFIG WORKDIR [--config.field=value ...]" >&2
@@ -16,6 +16,15 @@ if [[ $# -lt 2 ]]; then
 fi
 : "${TPU:?set TPU to the TPU VM name}"
 : "${ZONE:?set ZONE to the TPU zone}"
+# Every launch replaces ~/dynroute_jax, the code directory the workers run in: a relative WORKDIR
+# would lie inside it and be deleted with the earlier checkpoints on the next launch.
+case "$2" in
+  /*|*://*) ;;
+  *) echo "$0: WORKDIR must be an absolute path every worker sees (e.g. a Filestore mount) or a" \
+          "bucket URL (gs://...), not '$2': each launch replaces ~/dynroute_jax, where a" \
+          "relative one would be." >&2
+     exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 GCLOUD=(gcloud compute tpus tpu-vm)
 PROJECT_FLAG=()

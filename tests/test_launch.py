@@ -48,3 +48,26 @@ def test_sweep_dry_slurm_and_errors():
                    "/shared/r/drnet_cifar10_L"]]
   assert _sweep("--dry", "--root=r", "configs/x.py:A", "configs/x.py:A")[0] != 0
   assert _sweep("--dry", "--root=r", "configs/x")[0] != 0
+
+
+def test_tpu_launcher_refuses_a_relative_workdir(tmp_path):
+  # Regression: a relative WORKDIR lay inside ~/dynroute_jax on the workers, which every launch
+  # deletes and unpacks again, so the next launch wiped the earlier checkpoints.
+  fake_bin = tmp_path / "bin"
+  fake_bin.mkdir()
+  (fake_bin / "gcloud").write_text("#!/bin/sh\necho gcloud called >&2\nexit 7\n")
+  (fake_bin / "gcloud").chmod(0o755)
+  env = dict(os.environ, TPU="t", ZONE="z", PATH=f"{fake_bin}:{os.environ['PATH']}")
+  proc = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "configs/digits.py",
+                         "runs/sweep/x"], capture_output=True, text=True, env=env, timeout=60)
+  assert proc.returncode == 2, proc.stderr
+  assert "WORKDIR must be an absolute path" in proc.stderr and "gcloud called" not in proc.stderr
+  for workdir in ("/shared/runs/x", "gs://bucket/runs/x"):  # Accepted: they reach gcloud.
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "configs/digits.py",
+                           workdir], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 7 and "gcloud called" in proc.stderr, proc.stderr
+  rc, _, err = _sweep("--dry", "--launcher=tpu", "--root=runs/sw", "configs/drnet_cifar10.py:S")
+  assert rc != 0 and "absolute --root" in err
+  rc, cmds, err = _sweep("--dry", "--launcher=tpu", "--root=/shared/sw",
+                         "configs/drnet_cifar10.py:S")
+  assert rc == 0 and cmds[0][1:] == ["configs/drnet_cifar10.py:S", "/shared/sw/drnet_cifar10_S"]
