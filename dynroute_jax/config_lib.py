@@ -472,6 +472,14 @@ def _lookup(config: Any, path: str) -> tuple[bool, Any]:
   return True, node
 
 
+def check_model_matches_data(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming both fields where the model's input settings differ from data's."""
+  for f in ("image_size", "num_channels", "num_classes"):
+    if f in config.model and config.model[f] != config.data[f]:
+      raise ValueError(f"config.model.{f} ({config.model[f]}) differs from config.data.{f} "
+                       f"({config.data[f]}); set both to the dataset's value.")
+
+
 def set_to_none(config: ml_collections.ConfigDict, paths: Sequence[str]) -> None:
   """Sets each field 'a.b' of `paths` to None (the command line's `--config.a.b=None`).
 

@@ -30,6 +30,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/drnet_cifar10.py:S.",
                                 lock_config=True)
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+flags.mark_flags_as_required(["config"])
 
 AUX_PARAM_PATTERN = "aux_head"
 
@@ -37,6 +38,7 @@ AUX_PARAM_PATTERN = "aux_head"
 def model_summary(config) -> dict[str, Any]:
   """Parameters and MACs of the config's model (nothing is trained)."""
   config_lib.validate(config)
+  config_lib.check_model_matches_data(config)  # The input shape below comes from config.data.
   model = models.build_model(config.model)
   dc = config.data
   shape = (1, dc.image_size, dc.image_size, dc.num_channels)
@@ -99,7 +101,11 @@ def format_summary(s: dict[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  s = model_summary(FLAGS.config)
+  try:
+    s = model_summary(FLAGS.config)
+  except ValueError as e:  # A bad config: its message alone, before anything is compiled.
+    print(f"summary: error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(2)
   if FLAGS.json:
     json.dump(s, sys.stdout)
     sys.stdout.write("\n")

@@ -162,10 +162,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, cleanup: contextli
   passed, and a refused resume leaves the work directory as it was.
   """
   config_lib.validate(config)
-  for f in ("image_size", "num_channels", "num_classes"):
-    if f in config.model and config.model[f] != config.data[f]:
-      raise ValueError(f"config.model.{f} ({config.model[f]}) differs from config.data.{f} "
-                       f"({config.data[f]}); set both to the dataset's value.")
+  config_lib.check_model_matches_data(config)
   model = models.build_model(config.model)  # Validates the model fields.
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.global_batch_size, mesh, jax.process_count())
