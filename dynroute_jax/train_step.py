@@ -290,7 +290,8 @@ def _apply_if_finite(state: TrainState, tx: optax.GradientTransformation, grads:
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
   def keep_opt(path, n, o):
-    is_count = isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "count"
+    is_count = (bool(path) and isinstance(path[-1], jax.tree_util.GetAttrKey)
+                and path[-1].name == "count")
     return n if is_count else jnp.where(finite, n, o)
 
   opt_state = jax.tree_util.tree_map_with_path(keep_opt, new_opt, state.opt_state)
