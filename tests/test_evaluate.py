@@ -422,6 +422,15 @@ def test_infeasible_budget_is_said_in_the_table():
   assert "INFEASIBLE" in table and "below the cheapest achievable" in table
 
 
+def test_summary_means_are_exact_for_float32_counts():
+  # Regression: the params mean was taken in float32 (the MACs' in float64), so 359 examples of
+  # 101370 parameters each read 101370.0078 in report.json.
+  counts = dict(prediction=np.zeros(359), label=np.zeros(359),
+                macs=np.full(359, 1226368, np.float32), params=np.full(359, 101370, np.float32))
+  summary = evaluation.summarize(counts, 1226368.0)
+  assert summary["params_mean"] == 101370 and summary["macs_mean"] == 1226368
+
+
 def test_selection_ratios_and_codinet_plot(tmp_path):
   # The models lay out the selection ratios of a pass (`evaluation.summarize` asks them).
   drnet = models.build_model(small_config("drnet").model)
