@@ -72,7 +72,7 @@ def eval_temperature(config: ml_collections.ConfigDict, step: int, stage_index: 
   stages = schedules.plan_stages(config, num_train_examples)
   if stage_index is None or not 1 <= int(stage_index) <= len(stages):
     # The stage whose range (start, end] holds the step; the last one past the end.
-    stage_index = next((s.index for s in stages if s.start < step <= s.end), stages[-1].index)
+    stage_index = (schedules.stage_at(stages, step) or stages[-1]).index
   stage = stages[int(stage_index) - 1]
   return schedules.final_tau(stage, step), stage.index
 

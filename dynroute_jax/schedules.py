@@ -62,9 +62,10 @@ def training_splits(config: ml_collections.ConfigDict):
                                           int(config.seed))
 
 
-def last_trained_stage(stages: list[Stage]) -> Stage:
-  """The stage the final step belongs to: the last with steps (a later one of 0 steps trains none)."""
-  return next((s for s in reversed(stages) if s.num_steps > 0), stages[-1])
+def stage_at(stages: list[Stage], step: int) -> Stage | None:
+  """The stage whose steps (start, end] hold checkpoint `step` (saved after its step-th update);
+  None past the last stage. A stage of 0 steps holds none."""
+  return next((s for s in stages if s.start < step <= s.end), None)
 
 
 def final_tau(stage: Stage, step: int) -> float:

@@ -49,7 +49,7 @@ from dynroute_jax.models import base as models_base
 from dynroute_jax.hooks import NonFiniteError  # noqa: F401
 from dynroute_jax.optimizers import make_optimizer  # noqa: F401
 from dynroute_jax.schedules import (  # noqa: F401
-    Stage, final_tau, last_trained_stage, lr_schedule, plan_stages, tau_schedule, training_splits)
+    Stage, final_tau, lr_schedule, plan_stages, stage_at, tau_schedule, training_splits)
 from dynroute_jax.train_step import (  # noqa: F401
     STREAMS, TrainState, create_state, make_shared_train_step, make_train_step, share_groups,
     stream_key)
@@ -338,7 +338,7 @@ def _evaluate(run: _Run, state: TrainState | None, cleanup: contextlib.ExitStack
   step = int(jax.device_get(state.step))
   cleanup.enter_context(hooks.StopEvaluationOnSignal(step))
   # The temperature the final step trained at, as `evaluate` takes it from the checkpoint's stage.
-  last = last_trained_stage(run.stages)
+  last = stage_at(run.stages, step) or run.stages[-1]
   report = evaluation.evaluate_and_report(
       run.config, run.model, {"params": state.params, "batch_stats": state.batch_stats},
       run.test_ds, run.mesh, run.workdir, tau=final_tau(last, last.end), step=step)

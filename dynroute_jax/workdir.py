@@ -11,7 +11,7 @@ import contextlib
 import datetime
 import json
 import os
-from typing import Any, Sequence
+from typing import Any
 import uuid
 
 from absl import logging
@@ -22,6 +22,7 @@ import ml_collections
 from dynroute_jax import checkpoint as ckpt_lib
 from dynroute_jax import distributed
 from dynroute_jax import manifest
+from dynroute_jax import schedules
 from dynroute_jax import workdir_lock
 
 
@@ -130,7 +131,8 @@ def _keep_earlier_config(path: epath.Path, new: dict[str, Any]) -> None:
                                             else ""), kept.name)
 
 
-def check_resume_stage(ckpt: ckpt_lib.Checkpointer, step: int, stages: Sequence[Any]) -> None:
+def check_resume_stage(ckpt: ckpt_lib.Checkpointer, step: int,
+                       stages: list[schedules.Stage]) -> None:
   """Refuses a resume whose config puts checkpoint `step` in another stage than it was saved in.
 
   Changed stage lengths would otherwise train a stage again on the weights of a later one (or
@@ -138,7 +140,7 @@ def check_resume_stage(ckpt: ckpt_lib.Checkpointer, step: int, stages: Sequence[
   last one included, is allowed.
   """
   saved = int(ckpt.read_meta(step)["stage"])
-  planned = next((s.index for s in stages if s.start < step <= s.end), None)
+  planned = getattr(schedules.stage_at(stages, step), "index", None)
   if planned == saved:
     return
   where = (f"stage {planned}" if planned is not None
